@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+from workermon import BusyChange, WorkerMonitor
+from workermon._servers import EtcdServer, NatsServer
+
+from .helpers import RawNatsPublisher, etcd_client
+
+# Threads owned by libraries that are process-wide and not ours to stop.
+_FOREIGN_THREAD_PREFIXES = ("ThreadPoolExecutor", "asyncio_", "grpc_")
+
+
+def _ours(t: threading.Thread) -> bool:
+    return not t.name.startswith(_FOREIGN_THREAD_PREFIXES)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    leaked: List[threading.Thread] = []
+    while time.monotonic() < deadline:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and _ours(t)]
+        if not leaked:
+            return
+        # gRPC's request-iterator threads end right after their call is
+        # cancelled; join each with a bound instead of sleeping.
+        for t in leaked:
+            t.join(0.05)
+    pytest.fail(f"threads leaked by this test: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """Each test gets its own namespace: its own key prefix and subjects."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def etcd(etcd_server: EtcdServer) -> Iterator[Any]:
+    client = etcd_client(etcd_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def publisher(nats_server: NatsServer) -> Iterator[RawNatsPublisher]:
+    pub = RawNatsPublisher(nats_server.url)
+    yield pub
+    pub.close()
+
+
+class Changes:
+    """Collects BusyChange callbacks into a queue the test waits on."""
+
+    def __init__(self) -> None:
+        self.q: "queue.Queue[BusyChange]" = queue.Queue()
+
+    def __call__(self, change: BusyChange) -> None:
+        self.q.put(change)
+
+    def get(self, timeout: float = 10.0) -> BusyChange:
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no BusyChange within {timeout} s") from None
+
+    def drain(self) -> List[BusyChange]:
+        out = []
+        while True:
+            try:
+                out.append(self.q.get_nowait())
+            except queue.Empty:
+                return out
+
+
+@pytest.fixture
+def changes() -> Changes:
+    return Changes()
+
+
+@pytest.fixture
+def make_monitor(
+    etcd_server: EtcdServer, nats_server: NatsServer, namespace: str
+) -> Iterator[Callable[..., WorkerMonitor]]:
+    made: List[WorkerMonitor] = []
+
+    def make(**kwargs: Any) -> WorkerMonitor:
+        kwargs.setdefault("etcd_endpoints", [etcd_server.url])
+        kwargs.setdefault("nats_servers", [nats_server.url])
+        kwargs.setdefault("namespace", namespace)
+        mon = WorkerMonitor(**kwargs)
+        made.append(mon)
+        return mon
+
+    yield make
+    for mon in made:
+        assert mon.stop(timeout=10.0), "monitor threads did not stop"
+
+
+_ids = itertools.count(1)

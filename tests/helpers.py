@@ -1,0 +1,128 @@
+"""Test helpers that talk to real servers: a raw NATS publisher, card writers, samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+from workermon._etcd import EtcdConfig, make_client
+
+SAMPLES = Path(os.environ.get("WORKERMON_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "dynamo-samples"))
+if not SAMPLES.is_dir():
+    SAMPLES = Path(__file__).resolve().parent / "data" / "dynamo-samples"
+
+
+def etcd_client(url: str) -> Any:
+    return make_client(EtcdConfig(endpoints=(url,), prefix="unused/"), url)
+
+
+def card_json(total: Optional[int] = 1000, wrapped: bool = True, **runtime: Any) -> str:
+    rc: Dict[str, Any] = {"max_num_seqs": 256}
+    if total is not None:
+        rc["total_kv_blocks"] = total
+    rc.update(runtime)
+    card = {"display_name": "Qwen/Qwen3-0.6B", "kv_cache_block_size": 16, "runtime_config": rc}
+    if wrapped:
+        return json.dumps({"type": "Model", "namespace": "dynamo", "instance_id": 1, "card_json": card})
+    return json.dumps(card)
+
+
+def card_key(namespace: str, lease_id: int, component: str = "backend", endpoint: str = "generate") -> str:
+    return f"v1/mdc/{namespace}/{component}/{endpoint}/{lease_id:x}"
+
+
+def load_event(worker_id: int, active: int, rank: Optional[int] = None, **extra: Any) -> bytes:
+    msg = {
+        "worker_id": worker_id,
+        "data": {
+            "worker_stats": {"data_parallel_rank": rank, "request_active_slots": 1,
+                             "request_total_slots": 256, "num_requests_waiting": 0},
+            "kv_stats": {"kv_active_blocks": active, "kv_total_blocks": 1000,
+                         "gpu_cache_usage_perc": 0.5, "gpu_prefix_cache_hit_rate": 0.0},
+            "spec_decode_stats": None,
+        },
+    }
+    msg.update(extra)
+    return json.dumps(msg).encode()
+
+
+def active_load(worker_id: int, **fields: Any) -> bytes:
+    return json.dumps({"worker_id": worker_id, **fields}).encode()
+
+
+class RawNatsPublisher:
+    """A minimal synchronous NATS publisher speaking the text protocol.
+
+    It talks to the real nats-server; ``flush()`` round-trips a PING so that
+    every message before it has been processed by the server.
+    """
+
+    def __init__(self, url: str) -> None:
+        host, port = url.split("://", 1)[-1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self._buf = b""
+        self._read_line()  # INFO
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"name":"test-pub"}\r\n')
+        self._out: List[bytes] = []
+
+    def _read_line(self) -> bytes:
+        while b"\r\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("NATS closed the connection")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\r\n", 1)
+        return line
+
+    def publish(self, subject: str, payload: bytes) -> None:
+        self._out.append(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+        if len(self._out) >= 256:
+            self._send()
+
+    def publish_many(self, subject: str, payloads: Iterable[bytes]) -> None:
+        for p in payloads:
+            self.publish(subject, p)
+
+    def _send(self) -> None:
+        if self._out:
+            self.sock.sendall(b"".join(self._out))
+            self._out = []
+
+    def flush(self) -> None:
+        self._send()
+        self.sock.sendall(b"PING\r\n")
+        while True:
+            line = self._read_line()
+            if line == b"PONG":
+                return
+            if line.startswith(b"-ERR"):
+                raise RuntimeError(line.decode())
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> "RawNatsPublisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_samples(kind: str, version: str) -> List[Dict[str, Any]]:
+    path = SAMPLES / f"{kind}-{version}.{'json' if kind == 'etcd' else 'jsonl'}"
+    if kind == "etcd":
+        return list(json.loads(path.read_text()))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sample_bytes(entry: Dict[str, Any]) -> bytes:
+    data = entry["data"]
+    if data.startswith("HEX:"):
+        return bytes.fromhex(data[4:])
+    return str(data).encode("utf-8")

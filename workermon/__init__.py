@@ -1,0 +1,24 @@
+"""workermon: which Dynamo workers are busy, for synchronous Python routers."""
+
+from __future__ import annotations
+
+import logging
+
+from ._health import Health, SourceHealth
+from ._model import BusyChange, Thresholds, WorkerLoadState
+from ._monitor import CallbackHandle, WorkerMonitor
+
+__all__ = [
+    "BusyChange",
+    "CallbackHandle",
+    "Health",
+    "SourceHealth",
+    "Thresholds",
+    "WorkerLoadState",
+    "WorkerMonitor",
+    "__version__",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

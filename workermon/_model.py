@@ -1,0 +1,194 @@
+"""Frozen value objects that cross threads.
+
+Everything in this module is immutable, so a reader on any thread can hold a
+reference without a lock.  Nothing here imports ``threading``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Literal, Mapping, Optional, Tuple, Union
+
+import attrs
+
+__all__ = [
+    "BusyChange",
+    "Card",
+    "CardDelete",
+    "CardListing",
+    "CardPut",
+    "LoadReport",
+    "Thresholds",
+    "WorkerLoadState",
+    "normalize_worker_id",
+]
+
+U64 = 1 << 64
+I64_MIN = -(1 << 63)
+
+StalePolicy = Literal["ignore", "busy"]
+
+
+def normalize_worker_id(value: int) -> int:
+    """Map a worker id from either Dynamo convention to one unsigned 64-bit id.
+
+    Dynamo releases have published ``instance_id`` both as ``i64`` and ``u64``;
+    a negative id is the two's-complement twin of a large unsigned one, so both
+    name the same lease.  Raises ``ValueError`` outside ``[-2**63, 2**64)``.
+    """
+    if value < I64_MIN or value >= U64:
+        raise ValueError(f"worker id {value} is outside the 64-bit range")
+    return value + U64 if value < 0 else value
+
+
+def _empty_mapping() -> Mapping[int, int]:
+    return types.MappingProxyType({})
+
+
+@attrs.frozen
+class BusyChange:
+    """One change of the busy set, delivered to ``on_busy_change`` callbacks.
+
+    ``busy`` is the new busy set; ``became_busy`` entered it; ``became_free``
+    left it and are still members; ``removed`` left it because they left the
+    fleet.  ``version`` grows by one per change.
+    """
+
+    busy: frozenset[int]
+    became_busy: frozenset[int]
+    became_free: frozenset[int]
+    removed: frozenset[int]
+    version: int
+
+
+@attrs.frozen
+class WorkerLoadState:
+    """What workermon knows about one worker, copied at one instant.
+
+    ``kv_total_blocks`` is the card's capacity per data-parallel rank (None
+    when unknown); ``kv_active_blocks`` maps each rank to the active blocks the
+    KV rule used (the worker-reported ``kv_used_blocks`` when present);
+    ``last_report_age`` is seconds since the newest load report, or None.
+    """
+
+    worker_id: int
+    kv_total_blocks: Optional[int]
+    kv_active_blocks: Mapping[int, int] = attrs.field(factory=_empty_mapping)
+    busy: bool = False
+    last_report_age: Optional[float] = None
+    active_prefill_tokens: Mapping[int, int] = attrs.field(factory=_empty_mapping)
+    busy_ranks: frozenset[int] = frozenset()
+    stale_ranks: frozenset[int] = frozenset()
+    data_parallel_size: int = 1
+    data_parallel_start_rank: int = 0
+    max_num_batched_tokens: Optional[int] = None
+    card_keys: Tuple[str, ...] = ()
+
+    @property
+    def utilization(self) -> Optional[float]:
+        """Highest ``active / total`` over the ranks, or None when unknown."""
+        if not self.kv_total_blocks or not self.kv_active_blocks:
+            return None
+        return max(self.kv_active_blocks.values()) / self.kv_total_blocks
+
+
+@attrs.frozen
+class Card:
+    """The fields of a model deployment card that the busy rule needs."""
+
+    total_kv_blocks: Optional[int] = None
+    data_parallel_size: int = 1
+    data_parallel_start_rank: int = 0
+    max_num_batched_tokens: Optional[int] = None
+
+
+@attrs.frozen
+class CardPut:
+    """A card stored under ``key`` for ``worker_id`` (from the etcd source)."""
+
+    key: str
+    worker_id: int
+    card: Card
+
+
+@attrs.frozen
+class CardDelete:
+    """The card under ``key`` was deleted or its lease expired."""
+
+    key: str
+
+
+@attrs.frozen
+class CardListing:
+    """A complete listing of the prefix at ``revision``.
+
+    The reducer reconciles against it: cards absent from the listing are
+    removed, so a listing after a compacted watch loses nothing.
+    """
+
+    cards: Tuple[CardPut, ...]
+    revision: int
+
+
+@attrs.frozen
+class LoadReport:
+    """One parsed load report for one worker and data-parallel rank.
+
+    ``None`` means "not reported": the previous value for the rank stays.
+    """
+
+    worker_id: int
+    dp_rank: int = 0
+    kv_active_blocks: Optional[int] = None
+    active_prefill_tokens: Optional[int] = None
+    revision: Optional[int] = None
+
+
+@attrs.frozen
+class Thresholds:
+    """The busy rule's settings; see SPEC §2.  Validated on construction."""
+
+    busy_threshold: float = 0.9
+    recover_threshold: Optional[float] = None
+    prefill_tokens_threshold: Optional[int] = None
+    prefill_tokens_threshold_frac: Optional[float] = None
+    metrics_ttl: Optional[float] = None
+    stale_policy: StalePolicy = "ignore"
+
+    def __attrs_post_init__(self) -> None:
+        if not _is_number(self.busy_threshold) or not 0.0 <= self.busy_threshold <= 1.0:
+            raise ValueError(f"busy_threshold must be a number in [0, 1], got {self.busy_threshold!r}")
+        if self.recover_threshold is not None:
+            if not _is_number(self.recover_threshold) or not (
+                0.0 <= self.recover_threshold < self.busy_threshold
+            ):
+                raise ValueError(
+                    "recover_threshold must be a number in [0, busy_threshold), "
+                    f"got {self.recover_threshold!r}"
+                )
+        if self.prefill_tokens_threshold is not None and (
+            isinstance(self.prefill_tokens_threshold, bool)
+            or not isinstance(self.prefill_tokens_threshold, int)
+            or self.prefill_tokens_threshold < 0
+        ):
+            raise ValueError(
+                f"prefill_tokens_threshold must be an integer >= 0, got {self.prefill_tokens_threshold!r}"
+            )
+        if self.prefill_tokens_threshold_frac is not None and (
+            not _is_number(self.prefill_tokens_threshold_frac) or self.prefill_tokens_threshold_frac < 0
+        ):
+            raise ValueError(
+                "prefill_tokens_threshold_frac must be a number >= 0, "
+                f"got {self.prefill_tokens_threshold_frac!r}"
+            )
+        if self.metrics_ttl is not None and (not _is_number(self.metrics_ttl) or self.metrics_ttl <= 0):
+            raise ValueError(f"metrics_ttl must be a number of seconds > 0, got {self.metrics_ttl!r}")
+        if self.stale_policy not in ("ignore", "busy"):
+            raise ValueError(f"stale_policy must be 'ignore' or 'busy', got {self.stale_policy!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+Update = Union[CardPut, CardDelete, CardListing, LoadReport]

@@ -1,0 +1,643 @@
+"""WorkerMonitor: owns the queue, the lock, the reducer thread and the callbacks.
+
+Data flow: the etcd and NATS source threads put updates on one
+``queue.Queue``; ``workermon-reducer`` drains it in batches, applies them to
+the :class:`~workermon._reduce.FleetState` under an ``RLock``, swaps in an
+immutable snapshot (which readers use without any lock), then calls the
+callbacks outside the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import attrs
+
+from ._etcd import EtcdConfig, EtcdSource, endpoints_from
+from ._health import Health, SourceHealth, SourceStatus
+from ._model import BusyChange, CardListing, StalePolicy, Thresholds, WorkerLoadState
+from ._nats import NatsConfig, NatsSource
+from ._parse import DEFAULT_MAX_CARD_BYTES, DEFAULT_MAX_LOAD_BYTES, Malformed, parse_load
+from ._reduce import FleetState, Limits
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CallbackHandle", "WorkerMonitor"]
+
+DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
+DEFAULT_NATS_SERVER = "nats://127.0.0.1:4222"
+
+Callback = Callable[[BusyChange], Any]
+
+
+class _FromEnv:
+    def __repr__(self) -> str:
+        return "<from environment>"
+
+
+FROM_ENV: Any = _FromEnv()
+_UNCHANGED: Any = object()
+_STOP = object()
+_WAKE = object()
+_MAX_BATCH = 512  # queue items per reducer pass (each NATS item is itself a batch)
+
+_live_monitors: "weakref.WeakSet[WorkerMonitor]" = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for mon in list(_live_monitors):
+        mon._forked_from = mon._owner_pid
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
+@attrs.frozen
+class _Snapshot:
+    busy: frozenset[int]
+    free: frozenset[int]
+    members: frozenset[int]
+    version: int
+
+
+_EMPTY = _Snapshot(frozenset(), frozenset(), frozenset(), 0)
+
+
+class CallbackHandle:
+    """Returned by :meth:`WorkerMonitor.on_busy_change`.
+
+    Calling the handle calls the callback, so ``@mon.on_busy_change`` leaves a
+    usable function behind; :meth:`cancel` unregisters it (idempotent; the
+    callback is not called again once ``cancel`` returns, unless it is running
+    right now on the reducer thread).
+    """
+
+    __slots__ = ("callback", "_monitor", "cancelled", "__weakref__")
+
+    def __init__(self, callback: Callback, monitor: "WorkerMonitor") -> None:
+        self.callback = callback
+        self._monitor = monitor
+        self.cancelled = False
+
+    def __call__(self, change: BusyChange) -> Any:
+        return self.callback(change)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._monitor._unregister(self)
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else "active"
+        return f"<CallbackHandle {getattr(self.callback, '__qualname__', self.callback)!r} {state}>"
+
+
+class WorkerMonitor:
+    """Which Dynamo workers are busy, kept current by three threads.
+
+    Create it, register callbacks, :meth:`start` it, then read
+    :meth:`busy_workers` / :meth:`is_busy` on every request (lock-free, O(1)).
+    See the README for every option; names follow Dynamo's where it has one.
+
+    With ``etcd_endpoints=None`` the monitor runs in static mode (no threads;
+    nothing is ever busy), as Dynamo's router does without a discovery plane.
+    With ``nats_servers=None`` only membership is tracked (nothing is busy).
+    """
+
+    def __init__(
+        self,
+        etcd_endpoints: Union[Sequence[str], str, None] = FROM_ENV,
+        nats_servers: Union[Sequence[str], str, None] = FROM_ENV,
+        namespace: str = "dynamo",
+        busy_threshold: float = 0.9,
+        *,
+        component: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        card_prefix: Optional[str] = None,
+        metrics_subjects: Optional[Sequence[str]] = None,
+        recover_threshold: Optional[float] = None,
+        prefill_tokens_threshold: Optional[int] = None,
+        prefill_tokens_threshold_frac: Optional[float] = None,
+        metrics_ttl: Optional[float] = None,
+        stale_policy: StalePolicy = "ignore",
+        max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES,
+        max_card_bytes: int = DEFAULT_MAX_CARD_BYTES,
+        pending_max_workers: int = 10_000,
+        pending_max_age: float = 30.0,
+        max_ranks_per_worker: int = 1024,
+        max_queued_messages: int = 200_000,
+        etcd_ca_cert: Optional[str] = None,
+        etcd_cert_key: Optional[str] = None,
+        etcd_cert_cert: Optional[str] = None,
+        etcd_user: Optional[str] = None,
+        etcd_password: Optional[str] = None,
+        etcd_timeout: float = 5.0,
+        nats_user: Optional[str] = None,
+        nats_password: Optional[str] = None,
+        nats_token: Optional[str] = None,
+        nats_tls_ca: Optional[str] = None,
+        nats_tls_cert: Optional[str] = None,
+        nats_tls_key: Optional[str] = None,
+        nats_credentials: Optional[str] = None,
+        backoff_initial: float = 0.1,
+        backoff_cap: float = 2.0,
+        _clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        _check_name("namespace", namespace)
+        if component is not None:
+            _check_name("component", component)
+        if endpoint is not None:
+            _check_name("endpoint", endpoint)
+            if component is None:
+                raise ValueError("endpoint narrows a component: give component too")
+        for name, value in (("max_load_bytes", max_load_bytes), ("max_card_bytes", max_card_bytes),
+                            ("max_queued_messages", max_queued_messages)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.namespace = namespace
+        self._clock = _clock
+        self._state = FleetState(
+            Thresholds(
+                busy_threshold=busy_threshold,
+                recover_threshold=recover_threshold,
+                prefill_tokens_threshold=prefill_tokens_threshold,
+                prefill_tokens_threshold_frac=prefill_tokens_threshold_frac,
+                metrics_ttl=metrics_ttl,
+                stale_policy=stale_policy,
+            ),
+            Limits(pending_max_workers, pending_max_age, max_ranks_per_worker),
+        )
+        self._max_load_bytes = max_load_bytes
+        self._max_queued = max_queued_messages
+
+        if etcd_endpoints is FROM_ENV:
+            etcd_endpoints = endpoints_from(None, os.environ.get("ETCD_ENDPOINTS")) or (DEFAULT_ETCD_ENDPOINT,)
+        if nats_servers is FROM_ENV:
+            nats_servers = endpoints_from(None, os.environ.get("NATS_SERVER")) or (DEFAULT_NATS_SERVER,)
+        self.static = etcd_endpoints is None
+        self._etcd_cfg: Optional[EtcdConfig] = None
+        self._nats_cfg: Optional[NatsConfig] = None
+        if not self.static:
+            assert etcd_endpoints is not None
+            if card_prefix is None:
+                card_prefix = f"v1/mdc/{namespace}/"
+                if component is not None:
+                    card_prefix += f"{component}/" + (f"{endpoint}/" if endpoint is not None else "")
+            self.card_prefix = card_prefix
+            self._etcd_cfg = EtcdConfig(
+                endpoints=endpoints_from(etcd_endpoints, None),
+                prefix=card_prefix,
+                ca_cert=etcd_ca_cert,
+                cert_key=etcd_cert_key,
+                cert_cert=etcd_cert_cert,
+                user=etcd_user,
+                password=etcd_password,
+                timeout=etcd_timeout,
+                max_card_bytes=max_card_bytes,
+                backoff_initial=backoff_initial,
+                backoff_cap=backoff_cap,
+            )
+            if nats_servers is not None:
+                if metrics_subjects is None:
+                    metrics_subjects = (
+                        f"namespace.{namespace}.kv_metrics",
+                        # Dynamo 1.6 publishes on an endpoint-scoped subject.
+                        f"namespace.{namespace}.component.{component or '*'}"
+                        f".endpoint.{endpoint or '*'}.kv_metrics",
+                    )
+                self._nats_cfg = NatsConfig(
+                    servers=endpoints_from(nats_servers, None),
+                    subjects=tuple(metrics_subjects),
+                    user=nats_user,
+                    password=nats_password,
+                    token=nats_token,
+                    tls_ca=nats_tls_ca,
+                    tls_cert=nats_tls_cert,
+                    tls_key=nats_tls_key,
+                    credentials_file=nats_credentials,
+                    backoff_initial=backoff_initial,
+                    backoff_cap=backoff_cap,
+                )
+        else:
+            self.card_prefix = card_prefix or f"v1/mdc/{namespace}/"
+
+        self._lock = threading.RLock()
+        self._queue: "queue.Queue[object]" = queue.Queue()
+        self._stopping = threading.Event()
+        self._etcd_ready = threading.Event()
+        self._nats_ready = threading.Event()
+        if self._nats_cfg is None:
+            self._nats_ready.set()
+        self._snapshot = _EMPTY
+        self._callbacks: Tuple[CallbackHandle, ...] = ()
+        self._outbox: Deque[Tuple[BusyChange, Tuple[CallbackHandle, ...]]] = deque()
+        self._lifecycle = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self._threads: List[threading.Thread] = []
+        self._etcd: Optional[EtcdSource] = None
+        self._nats: Optional[NatsSource] = None
+        self._etcd_status = SourceStatus("etcd", _clock)
+        self._nats_status = SourceStatus("nats", _clock)
+        self._applied = 0  # NATS messages taken off the queue; reducer thread only
+        self._callback_errors = 0
+        self._warned_reasons: set[str] = set()
+        self._owner_pid = os.getpid()
+        self._forked_from: Optional[int] = None
+        # Notified after every applied batch, for wait_for().
+        self._applied_cond = threading.Condition()
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def start(self) -> "WorkerMonitor":
+        """Start the threads and return at once (see :meth:`wait_ready`).
+
+        Raises ``RuntimeError`` if already started or stopped.  Thread-safe.
+        """
+        with self._lifecycle:
+            self._check_fork()
+            if self._started or self._stopped:
+                raise RuntimeError("WorkerMonitor.start() was already called; create a new monitor")
+            self._started = True
+            if self.static:
+                self._etcd_status.state = self._nats_status.state = "static"
+                self._etcd_ready.set()
+                self._nats_ready.set()
+                return self
+            assert self._etcd_cfg is not None
+            self._owner_pid = os.getpid()
+            _live_monitors.add(self)
+            reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
+            self._etcd = EtcdSource(self._etcd_cfg, self._queue.put, self._stopping, self._etcd_status)
+            self._threads = [reducer, self._etcd]
+            if self._nats_cfg is not None:
+                self._nats = NatsSource(
+                    self._nats_cfg, self._queue.put, self._room, self._stopping, self._nats_ready, self._nats_status
+                )
+                self._threads.append(self._nats)
+            for thread in self._threads:
+                thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop every thread and wait up to ``timeout`` seconds in all for them.
+
+        Idempotent; safe from any thread, including a callback (the calling
+        thread is not joined).  Returns True when every other thread ended.
+        """
+        with self._lifecycle:
+            self._stopped = True
+            self._stopping.set()
+            threads = list(self._threads)
+        # One sentinel, put last: the reducer applies what came before it.
+        self._queue.put(_STOP)
+        for source in (self._etcd, self._nats):
+            if source is not None:
+                source.wake()
+        deadline = time.monotonic() + max(0.0, timeout)
+        me = threading.current_thread()
+        for thread in threads:
+            if thread is me:
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+        ok = not any(t.is_alive() for t in threads if t is not me)
+        if not ok:
+            log.warning("workermon: threads still running after stop(timeout=%s)", timeout)
+        return ok
+
+    def __enter__(self) -> "WorkerMonitor":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: Optional[float] = 5.0) -> bool:
+        """True once the initial etcd listing is applied and NATS is subscribed.
+
+        Returns False when ``timeout`` passes first (for example while a
+        server is unreachable).  In static mode True at once.  Any thread.
+        """
+        if self.static:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in (self._etcd_ready, self._nats_ready):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not event.wait(remaining):
+                return False
+        return True
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = 5.0) -> bool:
+        """Wait until ``predicate()`` is true, re-checking after every applied batch.
+
+        Returns the predicate's last value (False when ``timeout`` passed).
+        For scripts and tests, e.g. ``mon.wait_for(lambda: len(mon.members()) == 3)``.
+        Not from a callback: the reducer thread would wait on itself.
+        """
+        with self._applied_cond:
+            return self._applied_cond.wait_for(predicate, timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.static or (self._etcd_ready.is_set() and self._nats_ready.is_set())
+
+    # --- reads (lock-free) ----------------------------------------------------
+
+    def busy_workers(self) -> frozenset[int]:
+        """The busy set: lock-free, O(1), any thread."""
+        if self._forked_from is not None:
+            self._check_fork()
+        return self._snapshot.busy
+
+    def free_workers(self) -> frozenset[int]:
+        """Members that are not busy: lock-free, O(1), any thread."""
+        if self._forked_from is not None:
+            self._check_fork()
+        return self._snapshot.free
+
+    def members(self) -> frozenset[int]:
+        """Every worker with at least one card: lock-free, O(1), any thread."""
+        if self._forked_from is not None:
+            self._check_fork()
+        return self._snapshot.members
+
+    def is_busy(self, worker_id: int) -> bool:
+        """Whether ``worker_id`` is busy (False for unknown ids): lock-free, O(1)."""
+        if self._forked_from is not None:
+            self._check_fork()
+        if worker_id < 0:
+            worker_id += 1 << 64
+        return worker_id in self._snapshot.busy
+
+    @property
+    def version(self) -> int:
+        """The number of busy-set changes so far."""
+        return self._snapshot.version
+
+    def load_states(self) -> Dict[int, WorkerLoadState]:
+        """A consistent copy of every member's state (takes the lock; O(fleet))."""
+        self._check_fork()
+        with self._lock:
+            return self._state.load_states(self._clock())
+
+    def load_state(self, worker_id: int) -> Optional[WorkerLoadState]:
+        """One member's state, or None when it is not a member."""
+        self._check_fork()
+        if worker_id < 0:
+            worker_id += 1 << 64
+        with self._lock:
+            if worker_id not in self._state.workers:
+                return None
+            return self._state.load_state(worker_id, self._clock())
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self._state.thresholds
+
+    def health(self) -> Health:
+        """Each source's state, last event and counters, and the reducer's counters."""
+        with self._lock:
+            reducer = dict(self._state.counters)
+            reducer["pending_workers"] = self._state.pending_workers
+            members = len(self._state.workers)
+        reducer["callback_errors"] = self._callback_errors
+        reducer["queued_items"] = self._queue.qsize()
+        if self._nats is not None:
+            reducer["queued_messages"] = max(0, self._nats.enqueued - self._applied)
+        alive = self._started and not self._stopped and all(t.is_alive() for t in self._threads)
+        if self._forked_from is not None:
+            alive = False
+        return Health(
+            etcd=self._etcd_status.view(),
+            nats=self._nats_status.view() if self._nats_cfg is not None or self.static else SourceHealth(
+                "nats", "idle", None, {}, "NATS disabled (nats_servers=None)"
+            ),
+            reducer=reducer,
+            members=members,
+            busy=len(self._snapshot.busy),
+            ready=self.ready,
+            alive=alive or (self.static and self._started and not self._stopped),
+        )
+
+    # --- writes ---------------------------------------------------------------
+
+    def set_thresholds(
+        self,
+        busy_threshold: float = _UNCHANGED,
+        *,
+        recover_threshold: Optional[float] = _UNCHANGED,
+        prefill_tokens_threshold: Optional[int] = _UNCHANGED,
+        prefill_tokens_threshold_frac: Optional[float] = _UNCHANGED,
+        metrics_ttl: Optional[float] = _UNCHANGED,
+        stale_policy: StalePolicy = _UNCHANGED,
+    ) -> Thresholds:
+        """Change the busy rule at run time; pass None to turn an option off.
+
+        When it returns, the snapshot already reflects the new rule; callbacks
+        for the resulting change run on the reducer thread.  Any thread,
+        including a callback.  Raises ``ValueError`` for invalid values (and
+        then changes nothing).
+        """
+        changes: Dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("busy_threshold", busy_threshold),
+                ("recover_threshold", recover_threshold),
+                ("prefill_tokens_threshold", prefill_tokens_threshold),
+                ("prefill_tokens_threshold_frac", prefill_tokens_threshold_frac),
+                ("metrics_ttl", metrics_ttl),
+                ("stale_policy", stale_policy),
+            )
+            if value is not _UNCHANGED
+        }
+        with self._lock:
+            new = attrs.evolve(self._state.thresholds, **changes)
+            self._state.set_thresholds(new)
+            self._state.expire(self._clock())
+            self._publish_locked()
+        self._wake_reducer()
+        return new
+
+    def on_busy_change(self, callback: Callback) -> CallbackHandle:
+        """Register ``callback(change: BusyChange)``; usable as a decorator.
+
+        Callbacks run on the reducer thread, outside the lock, one at a time;
+        one that raises is logged and the others still run.  They may call
+        any method of the monitor, including :meth:`stop`, but should not
+        block for long: ingestion waits while they run.  Registered after
+        :meth:`start`, a callback is first called once with the current state.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        handle = CallbackHandle(callback, self)
+        with self._lock:
+            self._callbacks = self._callbacks + (handle,)
+            running = self._started and not self._stopped
+            if running:
+                snap = self._snapshot
+                self._outbox.append(
+                    (BusyChange(snap.busy, snap.busy, frozenset(), frozenset(), snap.version), (handle,))
+                )
+        if running:
+            if self.static:
+                self._deliver()
+            else:
+                self._wake_reducer()
+        return handle
+
+    def _unregister(self, handle: CallbackHandle) -> None:
+        with self._lock:
+            self._callbacks = tuple(h for h in self._callbacks if h is not handle)
+
+    # --- the reducer thread ---------------------------------------------------
+
+    def _room(self) -> int:
+        nats = self._nats
+        queued = (nats.enqueued if nats is not None else 0) - self._applied
+        return self._max_queued - queued
+
+    def _wake_reducer(self) -> None:
+        if self._started and not self.static and threading.current_thread() is not self._threads[0]:
+            self._queue.put(_WAKE)
+
+    def _run_reducer(self) -> None:
+        while True:
+            try:
+                if self._reduce_once():
+                    break
+            except Exception:  # noqa: BLE001 - the reducer must never die silently
+                self._state.counters.inc("reducer_errors")
+                log.exception("workermon reducer failed on a batch; continuing")
+                if self._stopping.is_set():
+                    break
+        log.debug("workermon reducer stopped")
+
+    def _reduce_once(self) -> bool:
+        """Apply one batch; True when the thread should end."""
+        q = self._queue
+        with self._lock:
+            deadline = self._state.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        items: List[object] = []
+        try:
+            items.append(q.get(timeout=timeout))
+        except queue.Empty:
+            pass
+        while len(items) < _MAX_BATCH:
+            try:
+                items.append(q.get_nowait())
+            except queue.Empty:
+                break
+        stop = False
+        listed = False
+        with self._lock:
+            now = self._clock()
+            state = self._state
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                    break
+                if item is _WAKE:
+                    continue
+                if type(item) is list:
+                    self._apply_loads(item, now)
+                else:
+                    if isinstance(item, CardListing):
+                        listed = True
+                    state.apply(item, now)
+            state.expire(now)
+            self._publish_locked()
+        if listed and not self._etcd_ready.is_set():
+            self._etcd_ready.set()
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+        if stop or self._stopping.is_set():
+            return True
+        self._deliver()
+        return False
+
+    def _apply_loads(self, batch: List[bytes], now: float) -> None:
+        state = self._state
+        limit = self._max_load_bytes
+        for raw in batch:
+            try:
+                report = parse_load(raw, limit)
+            except Malformed as exc:
+                state.counters.inc("malformed_load")
+                state.counters.inc(f"malformed_load_{exc.reason}")
+                if exc.reason not in self._warned_reasons:
+                    self._warned_reasons.add(exc.reason)
+                    log.warning("dropping malformed load report (%s); further ones are only counted", exc)
+                continue
+            state.apply_load(report, now)
+        self._applied += len(batch)
+
+    def _publish_locked(self) -> None:
+        """Swap in a new snapshot and queue the change for the callbacks."""
+        state = self._state
+        change = state.commit()
+        membership = state.take_membership_changed()
+        if change is None and not membership:
+            return
+        busy = change.busy if change is not None else self._snapshot.busy
+        members = state.members
+        self._snapshot = _Snapshot(busy, members - busy, members, state.version)
+        if change is not None:
+            self._outbox.append((change, self._callbacks))
+
+    def _deliver(self) -> None:
+        # Only the reducer thread (or start() in static mode) gets here, so
+        # changes reach callbacks in version order.
+        outbox = self._outbox
+        while outbox:
+            try:
+                change, targets = outbox.popleft()
+            except IndexError:
+                return
+            for handle in targets:
+                if handle.cancelled or self._stopping.is_set():
+                    continue
+                try:
+                    handle.callback(change)
+                except Exception:  # noqa: BLE001 - isolate each callback
+                    self._callback_errors += 1
+                    log.exception("workermon callback %r raised; the others still run", handle)
+
+    # --- fork ---------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        if self._forked_from is not None:
+            raise RuntimeError(
+                f"this WorkerMonitor was started in process {self._forked_from} and its threads do not "
+                f"exist after fork() (in process {os.getpid()}); create and start a new monitor in the "
+                "child, e.g. in gunicorn's post_fork hook (see examples/gunicorn.conf.py)"
+            )
+
+    def __repr__(self) -> str:
+        mode = "static" if self.static else ("running" if self._started and not self._stopped else
+                                             "stopped" if self._stopped else "new")
+        return (
+            f"<WorkerMonitor {mode} namespace={self.namespace!r} members={len(self._snapshot.members)} "
+            f"busy={len(self._snapshot.busy)} version={self._snapshot.version}>"
+        )
+
+
+def _check_name(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value or any(c in value for c in " \t\r\n./*>"):
+        raise ValueError(f"{what} must be a non-empty name without spaces, '.', '/', '*' or '>': {value!r}")

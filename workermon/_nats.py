@@ -1,0 +1,314 @@
+"""The NATS source thread: nats-py on its own asyncio loop.
+
+``workermon-nats`` owns an event loop that runs the official client.  Its
+message callback does as little as possible — it appends the raw payload to a
+list — and one ``call_soon`` per loop turn hands the whole list to the reducer
+as a single queue item.  Decoding happens in batches on the reducer thread
+(measured in ``shared/INGEST.md``: nats-py's own parsing is ~70 % of the cost,
+so per-message work on the loop thread is what limits the rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import urllib.parse
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import attrs
+
+from ._health import Backoff, SourceStatus
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NatsConfig", "NatsSource", "check_nats_url"]
+
+
+def check_nats_url(url: str) -> str:
+    """Validate one NATS server URL (``nats://``, ``tls://``, ``ws://``… or ``host:port``)."""
+    text = url.strip()
+    if not text:
+        raise ValueError("empty NATS server URL")
+    probe = text if "://" in text else "nats://" + text
+    parts = urllib.parse.urlsplit(probe)
+    if parts.scheme not in ("nats", "tls", "ws", "wss"):
+        raise ValueError(f"NATS server {url!r}: scheme must be nats, tls, ws or wss")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"NATS server {url!r}: bad port") from None
+    if not parts.hostname:
+        raise ValueError(f"NATS server {url!r}: no host")
+    return probe
+
+
+@attrs.frozen
+class NatsConfig:
+    """How to reach NATS and what to subscribe to.  Secrets stay out of ``repr``."""
+
+    servers: Tuple[str, ...]
+    subjects: Tuple[str, ...]
+    user: Optional[str] = None
+    password: Optional[str] = attrs.field(default=None, repr=False)
+    token: Optional[str] = attrs.field(default=None, repr=False)
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    credentials_file: Optional[str] = None
+    connect_timeout: float = 2.0
+    ping_interval: float = 5.0
+    max_outstanding_pings: int = 3
+    pending_msgs_limit: int = 512 * 1024
+    pending_bytes_limit: int = 128 * 1024 * 1024
+    backoff_initial: float = 0.1
+    backoff_cap: float = 2.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("at least one NATS server is needed")
+        for url in self.servers:
+            check_nats_url(url)
+        if not self.subjects:
+            raise ValueError("at least one subject is needed")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("NATS user and password go together")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("NATS tls_cert and tls_key go together")
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        uses_tls = any(s.startswith(("tls://", "wss://")) for s in self.servers)
+        if not (uses_tls or self.tls_ca or self.tls_cert):
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert and self.tls_key:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        return ctx
+
+
+class NatsSource(threading.Thread):
+    """``workermon-nats``: hands raw payload batches to ``emit_batch``.
+
+    ``room`` returns how many more messages may be queued before the reducer
+    catches up; beyond it messages are dropped and counted, so a slow reducer
+    can never grow memory without bound.
+    """
+
+    def __init__(
+        self,
+        cfg: NatsConfig,
+        emit_batch: Callable[[List[bytes]], None],
+        room: Callable[[], int],
+        stopping: threading.Event,
+        ready: threading.Event,
+        status: SourceStatus,
+    ) -> None:
+        super().__init__(name="workermon-nats", daemon=True)
+        self._cfg = cfg
+        self._emit_batch = emit_batch
+        self._room = room
+        self._stopping = stopping
+        self._ready = ready
+        self.status = status
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop_future: Optional[asyncio.Future[None]] = None
+        self._batch: List[bytes] = []
+        self._flush_scheduled = False
+        self._reconnect_backoff = Backoff(stopping, cfg.backoff_initial, cfg.backoff_cap)
+        self._rr = 0
+        self._last_error_logged: Optional[str] = None
+        self.enqueued = 0  # written by this thread only
+
+    # --- stopping ---------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Wake the loop so it notices ``stopping`` (any thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._resolve_stop)
+        except RuntimeError:
+            pass  # the loop is already closed
+
+    def _resolve_stop(self) -> None:
+        fut = self._stop_future
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # --- the thread -------------------------------------------------------------
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            while not self._stopping.is_set():
+                try:
+                    loop.run_until_complete(self._main())
+                except Exception:  # noqa: BLE001 - supervise: log, back off, restart
+                    if self._stopping.is_set():
+                        break
+                    self.status.inc("restarts")
+                    log.exception("NATS source failed unexpectedly; restarting it")
+                    if self._stopping.wait(self._reconnect_backoff.next_delay()):
+                        break
+        finally:
+            self._shutdown_loop(loop)
+            self.status.state = "stopped"
+
+    def _shutdown_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        except Exception:  # noqa: BLE001
+            log.debug("NATS loop shutdown was untidy", exc_info=True)
+        finally:
+            self._loop = None
+            loop.close()
+
+    async def _main(self) -> None:
+        import nats
+
+        loop = asyncio.get_running_loop()
+        self._stop_future = loop.create_future()
+        if self._stopping.is_set():
+            return
+        cfg = self._cfg
+        backoff = Backoff(self._stopping, cfg.backoff_initial, cfg.backoff_cap)
+        self.status.state = "connecting"
+        nc: Any = None
+        while nc is None:
+            try:
+                nc = await nats.connect(**self._connect_options())
+            except Exception as exc:  # noqa: BLE001 - the first connect does not retry by itself
+                self._note_error(exc)
+                self.status.inc("connect_failures")
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._stop_future), backoff.next_delay())
+                    return
+                except asyncio.TimeoutError:
+                    continue
+        try:
+            for subject in cfg.subjects:
+                await nc.subscribe(
+                    subject,
+                    cb=self._on_msg,
+                    pending_msgs_limit=cfg.pending_msgs_limit,
+                    pending_bytes_limit=cfg.pending_bytes_limit,
+                )
+            await nc.flush(timeout=cfg.connect_timeout)
+            self.status.state = "connected"
+            self._last_error_logged = None
+            self._ready.set()
+            log.info("NATS subscribed to %s", ", ".join(cfg.subjects))
+            await self._stop_future
+        finally:
+            try:
+                await asyncio.wait_for(nc.close(), timeout=2.0)
+            except Exception:  # noqa: BLE001
+                log.debug("closing the NATS connection failed", exc_info=True)
+
+    def _connect_options(self) -> Dict[str, Any]:
+        cfg = self._cfg
+        opts: Dict[str, Any] = dict(
+            servers=list(cfg.servers),
+            name="workermon",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            connect_timeout=cfg.connect_timeout,
+            ping_interval=cfg.ping_interval,
+            max_outstanding_pings=cfg.max_outstanding_pings,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+            reconnect_to_server_handler=self._pick_server,
+        )
+        if cfg.user is not None:
+            opts["user"] = cfg.user
+            opts["password"] = cfg.password
+        if cfg.token is not None:
+            opts["token"] = cfg.token
+        if cfg.credentials_file is not None:
+            opts["user_credentials"] = cfg.credentials_file
+        ctx = cfg.ssl_context()
+        if ctx is not None:
+            opts["tls"] = ctx
+        return opts
+
+    def _pick_server(self, servers: List[Any], info: Dict[str, Any]) -> Tuple[Optional[Any], float]:
+        # Round-robin over the pool with our own capped, jittered back-off.
+        if not servers:
+            return None, self._reconnect_backoff.next_delay()
+        self._rr += 1
+        return servers[self._rr % len(servers)], self._reconnect_backoff.next_delay()
+
+    # --- callbacks (on the loop; must never block) ------------------------------
+
+    async def _on_msg(self, msg: Any) -> None:
+        self._batch.append(msg.data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        room = self._room()
+        if len(batch) > room:
+            dropped = len(batch) - max(room, 0)
+            self.status.inc("dropped_backlog", dropped)
+            batch = batch[: max(room, 0)]
+            if not batch:
+                return
+        self.enqueued += len(batch)
+        self.status.inc("messages", len(batch))
+        self.status.event()
+        self._emit_batch(batch)
+
+    async def _on_error(self, exc: Exception) -> None:
+        import nats.errors
+
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.status.inc("dropped_slow_consumer")
+            return
+        self._note_error(exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping.is_set():
+            self.status.state = "reconnecting"
+            self.status.inc("disconnects")
+
+    async def _on_reconnected(self) -> None:
+        self._reconnect_backoff.reset()
+        self.status.inc("reconnects")
+        self.status.state = "connected"
+        self._last_error_logged = None
+        log.info("NATS reconnected")
+
+    async def _on_closed(self) -> None:
+        if not self._stopping.is_set():
+            # Only reachable if the client gives up; _main's caller restarts it.
+            self.status.state = "reconnecting"
+            self._resolve_stop_for_restart()
+
+    def _resolve_stop_for_restart(self) -> None:
+        fut = self._stop_future
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionError("NATS connection closed"))
+
+    def _note_error(self, exc: BaseException) -> None:
+        self.status.inc("errors")
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.status.last_error = text
+        if text != self._last_error_logged:
+            self._last_error_logged = text
+            log.warning("NATS: %s; retrying", text)

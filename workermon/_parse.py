@@ -1,0 +1,232 @@
+"""Bytes from the wire → typed updates.
+
+Every malformed input becomes a :class:`Malformed` exception with a short,
+stable ``reason`` that callers count; nothing here logs, blocks or keeps
+state between calls, so the functions are safe on any thread.
+
+Decoding uses msgspec typed structs: they reject ``true``, ``5.0`` or ``"5"``
+where an integer is required while decoding, at the lowest cost measured
+(see ``shared/INGEST.md``), and skip unknown fields without building them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional, Union
+
+import msgspec
+
+from ._model import Card, CardPut, LoadReport, normalize_worker_id
+
+__all__ = [
+    "DEFAULT_MAX_CARD_BYTES",
+    "DEFAULT_MAX_LOAD_BYTES",
+    "Malformed",
+    "parse_card",
+    "parse_load",
+    "worker_id_from_key",
+]
+
+DEFAULT_MAX_LOAD_BYTES = 64 * 1024
+DEFAULT_MAX_CARD_BYTES = 1024 * 1024
+
+_I64_MAX = (1 << 63) - 1
+# Counts are JSON integers >= 0.  The upper bound keeps absurd values (which
+# msgspec would happily turn into huge Python ints) out of the arithmetic.
+Count = Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
+Rank = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
+DpSize = Annotated[int, msgspec.Meta(ge=1, le=(1 << 31) - 1)]
+
+
+class Malformed(ValueError):
+    """Input that cannot be used; ``reason`` is a short counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --- load reports -----------------------------------------------------------
+
+
+class _KvStats(msgspec.Struct):
+    kv_active_blocks: Optional[Count] = None
+
+
+class _WorkerStats(msgspec.Struct):
+    data_parallel_rank: Optional[Rank] = None
+
+
+class _LoadEventData(msgspec.Struct):
+    worker_stats: Optional[_WorkerStats] = None
+    kv_stats: Optional[_KvStats] = None
+
+
+class _LoadPayload(msgspec.Struct):
+    """Both load shapes in one struct: they are told apart by their fields.
+
+    ``LoadEvent`` (Dynamo ≤ 0.7) carries ``data``; ``ActiveLoad`` (0.8+)
+    carries ``dp_rank`` and the flat load fields.
+    """
+
+    worker_id: int
+    data: Optional[_LoadEventData] = None
+    dp_rank: Optional[Rank] = None
+    active_decode_blocks: Optional[Count] = None
+    active_prefill_tokens: Optional[Count] = None
+    kv_used_blocks: Optional[Count] = None
+    load_report_revision: Optional[Count] = None
+
+
+class _Envelope(msgspec.Struct):
+    """Dynamo 0.9+ event-plane envelope; only the payload matters here."""
+
+    payload: bytes
+
+
+_json_load = msgspec.json.Decoder(_LoadPayload)
+_msgpack_load = msgspec.msgpack.Decoder(_LoadPayload)
+_msgpack_envelope = msgspec.msgpack.Decoder(_Envelope)
+
+# First bytes of a msgpack map: fixmap, map16, map32.
+_MSGPACK_MAP = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+
+def _decode_json(data: bytes) -> _LoadPayload:
+    # msgspec skips unknown fields without checking their UTF-8; JSON must be
+    # UTF-8 throughout.  The ASCII check is nearly free for real payloads.
+    if not data.isascii():
+        data.decode("utf-8")
+    return _json_load.decode(data)
+
+
+def _decode_payload(data: bytes) -> _LoadPayload:
+    if data[0] in _MSGPACK_MAP:
+        return _msgpack_load.decode(data)
+    return _decode_json(data)
+
+
+def parse_load(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> LoadReport:
+    """Parse one load message (LoadEvent or ActiveLoad, JSON or msgpack envelope).
+
+    Raises :class:`Malformed` for anything that is not a valid report.
+    """
+    if len(data) > max_bytes:
+        raise Malformed("oversized", f"{len(data)} bytes > {max_bytes}")
+    if not data:
+        raise Malformed("empty")
+    raw = bytes(data)
+    try:
+        if raw[0] in _MSGPACK_MAP:
+            payload_bytes = _msgpack_envelope.decode(raw).payload
+            if not payload_bytes:
+                raise Malformed("bad_envelope", "empty payload")
+            msg = _decode_payload(payload_bytes)
+        else:
+            msg = _decode_json(raw)
+    except msgspec.ValidationError as exc:
+        raise Malformed("bad_field", str(exc)) from None
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise Malformed("bad_encoding", str(exc)) from None
+    try:
+        worker_id = normalize_worker_id(msg.worker_id)
+    except ValueError as exc:
+        raise Malformed("bad_field", str(exc)) from None
+
+    dp_rank = msg.dp_rank
+    # The worker's own count of used blocks wins over the router-side estimate.
+    kv = msg.kv_used_blocks if msg.kv_used_blocks is not None else msg.active_decode_blocks
+    data_ = msg.data
+    if data_ is not None:
+        if kv is None and data_.kv_stats is not None:
+            kv = data_.kv_stats.kv_active_blocks
+        if dp_rank is None and data_.worker_stats is not None:
+            dp_rank = data_.worker_stats.data_parallel_rank
+    return LoadReport(
+        worker_id=worker_id,
+        dp_rank=dp_rank or 0,
+        kv_active_blocks=kv,
+        active_prefill_tokens=msg.active_prefill_tokens,
+        revision=msg.load_report_revision,
+    )
+
+
+# --- worker cards -----------------------------------------------------------
+
+
+class _RuntimeConfig(msgspec.Struct):
+    total_kv_blocks: Optional[Count] = None
+    data_parallel_size: Optional[DpSize] = None
+    data_parallel_start_rank: Optional[Rank] = None
+    max_num_batched_tokens: Optional[Count] = None
+
+
+class _CardBody(msgspec.Struct):
+    runtime_config: Optional[_RuntimeConfig] = None
+
+
+class _CardDoc(msgspec.Struct):
+    """A card at the top level (Dynamo 0.6) or wrapped in ``card_json`` (0.7+)."""
+
+    runtime_config: Optional[_RuntimeConfig] = None
+    card_json: Optional[_CardBody] = None
+
+
+_json_card = msgspec.json.Decoder(_CardDoc)
+
+
+def worker_id_from_key(key: str, lease: int) -> int:
+    """The worker id of a card: its lease, else the key's last segment in hex."""
+    if lease:
+        try:
+            return normalize_worker_id(lease)
+        except ValueError as exc:
+            raise Malformed("bad_key", str(exc)) from None
+    last = key.rsplit("/", 1)[-1]
+    try:
+        if not last or last.startswith(("-", "+")) or "_" in last:
+            raise ValueError(last)
+        value = int(last, 16)
+        return normalize_worker_id(value)
+    except ValueError:
+        raise Malformed("bad_key", f"no lease and no hex id in {key!r}") from None
+
+
+def parse_card(
+    key: Union[bytes, str],
+    value: bytes,
+    lease: int,
+    max_bytes: int = DEFAULT_MAX_CARD_BYTES,
+) -> CardPut:
+    """Parse one etcd key/value/lease into a :class:`CardPut`.
+
+    Raises :class:`Malformed`; the caller keeps the key's previous card.
+    """
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed("bad_key", "key is not UTF-8") from None
+    if len(value) > max_bytes:
+        raise Malformed("oversized", f"{len(value)} bytes > {max_bytes}")
+    worker_id = worker_id_from_key(key, lease)
+    try:
+        if not value.isascii():
+            value.decode("utf-8")
+        doc = _json_card.decode(value)
+    except msgspec.ValidationError as exc:
+        raise Malformed("bad_field", str(exc)) from None
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise Malformed("bad_encoding", str(exc)) from None
+    rc = doc.card_json.runtime_config if doc.card_json is not None else doc.runtime_config
+    if rc is None:
+        return CardPut(key=key, worker_id=worker_id, card=Card())
+    return CardPut(
+        key=key,
+        worker_id=worker_id,
+        card=Card(
+            total_kv_blocks=rc.total_kv_blocks,
+            data_parallel_size=rc.data_parallel_size if rc.data_parallel_size is not None else 1,
+            data_parallel_start_rank=rc.data_parallel_start_rank or 0,
+            max_num_batched_tokens=rc.max_num_batched_tokens,
+        ),
+    )

@@ -1,0 +1,450 @@
+"""The pure reducer: fleet state + update → new state and busy-set changes.
+
+No threads, no I/O, no clock of its own: the caller passes ``now``.  The
+monitor calls it under its lock from the reducer thread; tests call it
+directly.
+
+The busy set is kept incrementally: an update re-evaluates only the worker it
+touches (O(ranks)), so the cost per event does not grow with the fleet.  Only
+a threshold change re-evaluates every worker, once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import types
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from ._model import (
+    BusyChange,
+    Card,
+    CardDelete,
+    CardListing,
+    CardPut,
+    LoadReport,
+    Thresholds,
+    WorkerLoadState,
+)
+
+__all__ = ["Counters", "FleetState", "Limits"]
+
+
+class Limits:
+    """Caps on every structure that grows with input (all configurable)."""
+
+    __slots__ = ("pending_max_workers", "pending_max_age", "max_ranks_per_worker")
+
+    def __init__(
+        self,
+        pending_max_workers: int = 10_000,
+        pending_max_age: float = 30.0,
+        max_ranks_per_worker: int = 1024,
+    ) -> None:
+        if pending_max_workers < 0 or pending_max_age < 0 or max_ranks_per_worker < 1:
+            raise ValueError("limits must be non-negative (max_ranks_per_worker >= 1)")
+        self.pending_max_workers = pending_max_workers
+        self.pending_max_age = pending_max_age
+        self.max_ranks_per_worker = max_ranks_per_worker
+
+
+class Counters(Dict[str, int]):
+    """A dict of named counters, written by one thread only."""
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self[name] = self.get(name, 0) + n
+
+
+class _Rank:
+    __slots__ = ("kv", "prefill", "revision", "time", "kv_over", "stale")
+
+    def __init__(self) -> None:
+        self.kv: Optional[int] = None
+        self.prefill: Optional[int] = None
+        self.revision: Optional[int] = None
+        self.time = 0.0
+        # Hysteresis memory of the KV rule; see _rank_busy.
+        self.kv_over = False
+        self.stale = False
+
+    def merge(self, report: LoadReport, now: float) -> None:
+        if report.kv_active_blocks is not None:
+            self.kv = report.kv_active_blocks
+        if report.active_prefill_tokens is not None:
+            self.prefill = report.active_prefill_tokens
+        if report.revision is not None:
+            self.revision = report.revision
+        self.time = now
+        self.stale = False
+
+    def is_stale_report(self, report: LoadReport) -> bool:
+        return (
+            report.revision is not None
+            and self.revision is not None
+            and report.revision < self.revision
+        )
+
+
+class _Worker:
+    __slots__ = ("cards", "card", "ranks", "busy", "last_time")
+
+    def __init__(self) -> None:
+        self.cards: Dict[str, Card] = {}
+        self.card: Card = Card()
+        self.ranks: Dict[int, _Rank] = {}
+        self.busy = False
+        self.last_time: Optional[float] = None
+
+    def choose_card(self) -> None:
+        # Capacity comes from the lexicographically smallest key that carries
+        # one; without any, the smallest key's card (unknown capacity).
+        keys = sorted(self.cards)
+        for key in keys:
+            if self.cards[key].total_kv_blocks is not None:
+                self.card = self.cards[key]
+                return
+        self.card = self.cards[keys[0]] if keys else Card()
+
+
+class _Pending:
+    """Load data held for a worker whose card has not arrived yet."""
+
+    __slots__ = ("first", "ranks")
+
+    def __init__(self, now: float) -> None:
+        self.first = now
+        self.ranks: Dict[int, _Rank] = {}
+
+
+class FleetState:
+    """All state the monitor keeps, and the busy rule applied to it.
+
+    Call the ``apply_*`` methods for each update, then :meth:`commit`, which
+    returns the :class:`BusyChange` since the previous commit (or None).
+    """
+
+    def __init__(self, thresholds: Optional[Thresholds] = None, limits: Optional[Limits] = None) -> None:
+        self.thresholds = thresholds if thresholds is not None else Thresholds()
+        self.limits = limits if limits is not None else Limits()
+        self.counters = Counters()
+        self.version = 0
+        self.workers: Dict[int, _Worker] = {}
+        self._key_owner: Dict[str, int] = {}
+        self._busy: Set[int] = set()
+        self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
+        # Since the last commit: each worker whose busy flag changed, mapped
+        # to the flag it had at that commit (flips inside a batch cancel out).
+        self._touched: Dict[int, bool] = {}
+        self._membership_changed = False
+        # (deadline, worker, rank) heap for metrics_ttl; entries are checked
+        # against the rank's current time when popped, so stale ones are cheap.
+        self._ttl_heap: List[Tuple[float, int, int]] = []
+
+    # --- reading ------------------------------------------------------------
+
+    @property
+    def busy(self) -> frozenset[int]:
+        return frozenset(self._busy)
+
+    @property
+    def members(self) -> frozenset[int]:
+        return frozenset(self.workers)
+
+    def is_busy(self, worker_id: int) -> bool:
+        return worker_id in self._busy
+
+    def load_state(self, worker_id: int, now: float) -> WorkerLoadState:
+        w = self.workers[worker_id]
+        kv: Dict[int, int] = {}
+        prefill: Dict[int, int] = {}
+        busy_ranks = set()
+        stale_ranks = set()
+        for rank_id, r in w.ranks.items():
+            if r.kv is not None:
+                kv[rank_id] = r.kv
+            if r.prefill is not None:
+                prefill[rank_id] = r.prefill
+            if r.stale:
+                stale_ranks.add(rank_id)
+            if self._rank_busy(r, w.card) is True:
+                busy_ranks.add(rank_id)
+        return WorkerLoadState(
+            worker_id=worker_id,
+            kv_total_blocks=w.card.total_kv_blocks,
+            kv_active_blocks=types.MappingProxyType(kv),
+            busy=w.busy,
+            last_report_age=None if w.last_time is None else max(0.0, now - w.last_time),
+            active_prefill_tokens=types.MappingProxyType(prefill),
+            busy_ranks=frozenset(busy_ranks),
+            stale_ranks=frozenset(stale_ranks),
+            data_parallel_size=w.card.data_parallel_size,
+            data_parallel_start_rank=w.card.data_parallel_start_rank,
+            max_num_batched_tokens=w.card.max_num_batched_tokens,
+            card_keys=tuple(sorted(w.cards)),
+        )
+
+    def load_states(self, now: float) -> Dict[int, WorkerLoadState]:
+        return {wid: self.load_state(wid, now) for wid in self.workers}
+
+    @property
+    def pending_workers(self) -> int:
+        return len(self._pending)
+
+    # --- updates ------------------------------------------------------------
+
+    def apply(self, update: object, now: float) -> None:
+        """Apply any one update (dispatch on its type)."""
+        if isinstance(update, LoadReport):
+            self.apply_load(update, now)
+        elif isinstance(update, CardPut):
+            self.apply_card_put(update, now)
+        elif isinstance(update, CardDelete):
+            self.apply_card_delete(update)
+        elif isinstance(update, CardListing):
+            self.apply_listing(update, now)
+        else:
+            raise TypeError(f"unknown update {type(update).__name__}")
+
+    def apply_card_put(self, put: CardPut, now: float) -> None:
+        self.counters.inc("card_puts")
+        owner = self._key_owner.get(put.key)
+        if owner is not None and owner != put.worker_id:
+            # The key moved to another lease: it leaves its old owner first.
+            self._remove_card(put.key)
+        w = self.workers.get(put.worker_id)
+        if w is None:
+            w = self.workers[put.worker_id] = _Worker()
+            self._membership_changed = True
+            held = self._pending.pop(put.worker_id, None)
+            if held is not None:
+                w.ranks = held.ranks
+                w.last_time = max((r.time for r in held.ranks.values()), default=None)
+                self.counters.inc("pending_applied")
+                for rank_id, r in held.ranks.items():
+                    self._schedule_ttl(put.worker_id, rank_id, r.time)
+        w.cards[put.key] = put.card
+        self._key_owner[put.key] = put.worker_id
+        w.choose_card()
+        self._evaluate(put.worker_id, w)
+
+    def apply_card_delete(self, delete: CardDelete) -> None:
+        self.counters.inc("card_deletes")
+        self._remove_card(delete.key)
+
+    def apply_listing(self, listing: CardListing, now: float) -> None:
+        """Reconcile with a complete listing: drop keys it does not hold."""
+        self.counters.inc("listings")
+        listed = {put.key for put in listing.cards}
+        for key in [k for k in self._key_owner if k not in listed]:
+            self._remove_card(key)
+        for put in listing.cards:
+            owner = self._key_owner.get(put.key)
+            if owner == put.worker_id and self.workers[owner].cards.get(put.key) == put.card:
+                continue
+            self.apply_card_put(put, now)
+
+    def apply_load(self, report: LoadReport, now: float) -> None:
+        w = self.workers.get(report.worker_id)
+        if w is None:
+            self._hold(report, now)
+            return
+        rank = w.ranks.get(report.dp_rank)
+        if rank is None:
+            if len(w.ranks) >= self.limits.max_ranks_per_worker:
+                self.counters.inc("dropped_rank_limit")
+                return
+            rank = w.ranks[report.dp_rank] = _Rank()
+        elif rank.is_stale_report(report):
+            self.counters.inc("stale_revision")
+            return
+        rank.merge(report, now)
+        w.last_time = now
+        self.counters.inc("load_reports")
+        self._schedule_ttl(report.worker_id, report.dp_rank, now)
+        self._evaluate(report.worker_id, w)
+
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        """Change the rule and re-evaluate every worker at once."""
+        ttl_was = self.thresholds.metrics_ttl
+        self.thresholds = thresholds
+        if thresholds.metrics_ttl is not None and thresholds.metrics_ttl != ttl_was:
+            self._ttl_heap = []
+            for wid, w in self.workers.items():
+                for rank_id, r in w.ranks.items():
+                    self._schedule_ttl(wid, rank_id, r.time)
+        for wid, w in self.workers.items():
+            for r in w.ranks.values():
+                # Hysteresis memory is about the old thresholds; start afresh.
+                r.kv_over = False
+            self._evaluate(wid, w)
+
+    def expire(self, now: float) -> None:
+        """Apply staleness (metrics_ttl) and drop held metrics that are too old."""
+        limits = self.limits
+        while self._pending:
+            wid, held = next(iter(self._pending.items()))
+            if now - held.first < limits.pending_max_age:
+                break
+            del self._pending[wid]
+            self.counters.inc("pending_expired")
+        ttl = self.thresholds.metrics_ttl
+        heap = self._ttl_heap
+        if ttl is None:
+            heap.clear()
+            return
+        while heap and heap[0][0] <= now:
+            _, wid, rank_id = heapq.heappop(heap)
+            w = self.workers.get(wid)
+            r = w.ranks.get(rank_id) if w is not None else None
+            if w is None or r is None or r.stale or now - r.time < ttl:
+                continue  # superseded by a newer report, or already gone
+            self.counters.inc("stale_expired")
+            if self.thresholds.stale_policy == "ignore":
+                del w.ranks[rank_id]
+            else:
+                r.stale = True
+            self._evaluate(wid, w)
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest ``now`` at which :meth:`expire` has work, if any."""
+        deadline: Optional[float] = None
+        if self._ttl_heap and self.thresholds.metrics_ttl is not None:
+            deadline = self._ttl_heap[0][0]
+        if self._pending:
+            held_deadline = next(iter(self._pending.values())).first + self.limits.pending_max_age
+            deadline = held_deadline if deadline is None else min(deadline, held_deadline)
+        return deadline
+
+    def commit(self) -> Optional[BusyChange]:
+        """The change of the busy set since the last commit, or None."""
+        touched = self._touched
+        if not touched:
+            return None
+        self._touched = {}
+        busy_now = self._busy
+        became_busy = {w for w, was in touched.items() if not was and w in busy_now}
+        left = {w for w, was in touched.items() if was and w not in busy_now}
+        if not became_busy and not left:
+            return None
+        removed = frozenset(w for w in left if w not in self.workers)
+        self.version += 1
+        return BusyChange(
+            busy=frozenset(self._busy),
+            became_busy=frozenset(became_busy),
+            became_free=frozenset(left) - removed,
+            removed=removed,
+            version=self.version,
+        )
+
+    def take_membership_changed(self) -> bool:
+        """True once after any member joined or left (for snapshot rebuilds)."""
+        changed = self._membership_changed
+        self._membership_changed = False
+        return changed
+
+    # --- internals ----------------------------------------------------------
+
+    def _hold(self, report: LoadReport, now: float) -> None:
+        self.counters.inc("unknown_worker")
+        held = self._pending.get(report.worker_id)
+        if held is None:
+            if self.limits.pending_max_workers == 0:
+                self.counters.inc("pending_dropped")
+                return
+            while len(self._pending) >= self.limits.pending_max_workers:
+                self._pending.popitem(last=False)  # oldest first
+                self.counters.inc("pending_dropped")
+            held = self._pending[report.worker_id] = _Pending(now)
+        rank = held.ranks.get(report.dp_rank)
+        if rank is None:
+            if len(held.ranks) >= self.limits.max_ranks_per_worker:
+                self.counters.inc("dropped_rank_limit")
+                return
+            rank = held.ranks[report.dp_rank] = _Rank()
+        elif rank.is_stale_report(report):
+            self.counters.inc("stale_revision")
+            return
+        rank.merge(report, now)
+
+    def _remove_card(self, key: str) -> None:
+        wid = self._key_owner.pop(key, None)
+        if wid is None:
+            return
+        w = self.workers[wid]
+        del w.cards[key]
+        if w.cards:
+            w.choose_card()
+            self._evaluate(wid, w)
+            return
+        # The last card went: the worker leaves with all its load data.
+        del self.workers[wid]
+        self._membership_changed = True
+        self.counters.inc("workers_removed")
+        if wid in self._busy:
+            self._busy.discard(wid)
+            self._note(wid, False)
+
+    def _schedule_ttl(self, wid: int, rank_id: int, t: float) -> None:
+        ttl = self.thresholds.metrics_ttl
+        if ttl is not None:
+            heapq.heappush(self._ttl_heap, (t + ttl, wid, rank_id))
+
+    def _rank_busy(self, r: _Rank, card: Card) -> Optional[bool]:
+        """True/False when some configured rule has data for the rank, else None."""
+        if r.stale:
+            return True  # only "busy" policy keeps stale ranks: fail closed
+        th = self.thresholds
+        has_data = False
+        over = False
+        if r.kv is not None:
+            has_data = True
+            total = card.total_kv_blocks
+            if total:
+                limit = th.busy_threshold
+                if r.kv_over and th.recover_threshold is not None:
+                    limit = th.recover_threshold
+                    r.kv_over = r.kv > limit * total
+                else:
+                    r.kv_over = r.kv > limit * total
+                over = r.kv_over
+            else:
+                r.kv_over = False
+        if r.prefill is not None:
+            if th.prefill_tokens_threshold is not None:
+                has_data = True
+                over = over or r.prefill > th.prefill_tokens_threshold
+            if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
+                has_data = True
+                over = over or r.prefill > th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
+        return over if has_data else None
+
+    def _evaluate(self, wid: int, w: _Worker) -> None:
+        any_data = False
+        all_busy = True
+        for r in w.ranks.values():
+            verdict = self._rank_busy(r, w.card)
+            if verdict is None:
+                continue
+            any_data = True
+            if not verdict:
+                all_busy = False
+        busy = any_data and all_busy
+        if busy == w.busy:
+            return
+        w.busy = busy
+        if busy:
+            self._busy.add(wid)
+        else:
+            self._busy.discard(wid)
+        self._note(wid, busy)
+
+    def _note(self, wid: int, busy: bool) -> None:
+        self._touched.setdefault(wid, not busy)
+
+
+def apply_all(state: FleetState, updates: Iterable[object], now: float) -> Optional[BusyChange]:
+    """Apply updates in order and commit once (a convenience for tests and tools)."""
+    for update in updates:
+        state.apply(update, now)
+    state.expire(now)
+    return state.commit()
