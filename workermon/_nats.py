@@ -118,6 +118,7 @@ class NatsSource(threading.Thread):
         self._reconnect_backoff = Backoff(stopping, cfg.backoff_initial, cfg.backoff_cap)
         self._rr = 0
         self._last_error_logged: Optional[str] = None
+        self._live = False  # a connection is established and subscribed
         self.enqueued = 0  # written by this thread only
 
     # --- stopping ---------------------------------------------------------------
@@ -172,10 +173,10 @@ class NatsSource(threading.Thread):
             loop.close()
 
     async def _main(self) -> None:
-        import nats
+        from nats.aio.client import Client
 
         loop = asyncio.get_running_loop()
-        self._stop_future = loop.create_future()
+        self._stop_future = stop = loop.create_future()
         if self._stopping.is_set():
             return
         cfg = self._cfg
@@ -183,16 +184,29 @@ class NatsSource(threading.Thread):
         self.status.state = "connecting"
         nc: Any = None
         while nc is None:
+            client = Client()
+            # With max_reconnect_attempts=-1, nats-py retries the first connect
+            # forever inside connect(); race it against stop so stop is immediate.
+            connecting = asyncio.ensure_future(client.connect(**self._connect_options()))
+            await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                await _close_quietly(client)
+                return
+            exc = connecting.exception()
+            if exc is None:
+                nc = client
+                self._live = True
+                break
+            self._note_error(exc)
+            self.status.inc("connect_failures")
+            await _close_quietly(client)
             try:
-                nc = await nats.connect(**self._connect_options())
-            except Exception as exc:  # noqa: BLE001 - the first connect does not retry by itself
-                self._note_error(exc)
-                self.status.inc("connect_failures")
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._stop_future), backoff.next_delay())
-                    return
-                except asyncio.TimeoutError:
-                    continue
+                await asyncio.wait_for(asyncio.shield(stop), backoff.next_delay())
+                return
+            except asyncio.TimeoutError:
+                continue
         try:
             for subject in cfg.subjects:
                 await nc.subscribe(
@@ -206,12 +220,10 @@ class NatsSource(threading.Thread):
             self._last_error_logged = None
             self._ready.set()
             log.info("NATS subscribed to %s", ", ".join(cfg.subjects))
-            await self._stop_future
+            await stop
         finally:
-            try:
-                await asyncio.wait_for(nc.close(), timeout=2.0)
-            except Exception:  # noqa: BLE001
-                log.debug("closing the NATS connection failed", exc_info=True)
+            self._live = False
+            await _close_quietly(nc)
 
     def _connect_options(self) -> Dict[str, Any]:
         cfg = self._cfg
@@ -221,6 +233,9 @@ class NatsSource(threading.Thread):
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             connect_timeout=cfg.connect_timeout,
+            # Used by nats-py between first-connect attempts; reconnects after
+            # that go through _pick_server's jittered back-off.
+            reconnect_time_wait=max(cfg.backoff_initial, 0.25),
             ping_interval=cfg.ping_interval,
             max_outstanding_pings=cfg.max_outstanding_pings,
             error_cb=self._on_error,
@@ -295,7 +310,7 @@ class NatsSource(threading.Thread):
         log.info("NATS reconnected")
 
     async def _on_closed(self) -> None:
-        if not self._stopping.is_set():
+        if self._live and not self._stopping.is_set():
             # Only reachable if the client gives up; _main's caller restarts it.
             self.status.state = "reconnecting"
             self._resolve_stop_for_restart()
@@ -312,3 +327,10 @@ class NatsSource(threading.Thread):
         if text != self._last_error_logged:
             self._last_error_logged = text
             log.warning("NATS: %s; retrying", text)
+
+
+async def _close_quietly(nc: Any) -> None:
+    try:
+        await asyncio.wait_for(nc.close(), timeout=2.0)
+    except Exception:  # noqa: BLE001
+        log.debug("closing the NATS connection failed", exc_info=True)
