@@ -1,0 +1,343 @@
+"""The ``workermon`` command: ``watch`` a real fleet, or run a local ``demo``.
+
+User mistakes (unreachable servers, malformed URLs, thresholds out of range,
+missing server binaries) end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import queue
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO
+
+from . import __version__
+from ._model import BusyChange, WorkerLoadState
+from ._monitor import WorkerMonitor
+
+log = logging.getLogger("workermon.cli")
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def render_table(states: Dict[int, WorkerLoadState], busy_threshold: float, width: int = 100) -> str:
+    header = f"{'WORKER':<18} {'KV TOTAL':>9} {'ACTIVE (per rank)':<22} {'UTIL':>6} {'BUSY':<4} {'LAST':>7}"
+    lines = [header, "-" * min(width, len(header))]
+    for wid in sorted(states):
+        st = states[wid]
+        total = "?" if st.kv_total_blocks is None else str(st.kv_total_blocks)
+        ranks = ",".join(f"{r}:{v}" for r, v in sorted(st.kv_active_blocks.items())) or "-"
+        util = st.utilization
+        util_s = "-" if util is None else f"{util * 100:5.1f}%"
+        age = "-" if st.last_report_age is None else f"{st.last_report_age:6.1f}s"
+        lines.append(f"{wid:<18x} {total:>9} {ranks:<22.22} {util_s:>6} {'YES' if st.busy else 'no':<4} {age:>7}")
+    busy = sum(1 for s in states.values() if s.busy)
+    lines.append(f"{len(states)} workers, {busy} busy (threshold {busy_threshold:g})")
+    return "\n".join(lines)
+
+
+def change_line(change: BusyChange) -> str:
+    def ids(s: frozenset[int]) -> str:
+        return ",".join(f"{w:x}" for w in sorted(s)) or "-"
+
+    parts = [f"v{change.version}", f"busy={len(change.busy)}"]
+    if change.became_busy:
+        parts.append(f"+busy {ids(change.became_busy)}")
+    if change.became_free:
+        parts.append(f"-free {ids(change.became_free)}")
+    if change.removed:
+        parts.append(f"gone {ids(change.removed)}")
+    return time.strftime("%H:%M:%S ") + " ".join(parts)
+
+
+def change_json(change: BusyChange) -> str:
+    return json.dumps(
+        {
+            "version": change.version,
+            "time": time.time(),
+            "busy": sorted(change.busy),
+            "became_busy": sorted(change.became_busy),
+            "became_free": sorted(change.became_free),
+            "removed": sorted(change.removed),
+        }
+    )
+
+
+class View:
+    """Prints what a running monitor sees: a refreshing table and change lines."""
+
+    def __init__(self, mon: WorkerMonitor, out: TextIO, as_json: bool, plain: bool, interval: float) -> None:
+        self.mon = mon
+        self.out = out
+        self.as_json = as_json
+        self.live = not plain and not as_json and out.isatty()
+        self.interval = interval
+        self.changes: "queue.Queue[BusyChange]" = queue.Queue()
+        self.recent: List[str] = []
+        self.counts = {"became_busy": 0, "became_free": 0, "removed": 0}
+
+    def attach(self) -> None:
+        self.mon.on_busy_change(self.changes.put)
+
+    def run(self, until: Optional[float], stopping: threading.Event) -> None:
+        next_draw = 0.0
+        while not stopping.is_set():
+            now = time.monotonic()
+            if until is not None and now >= until:
+                break
+            timeout = max(0.0, min(next_draw - now, (until - now) if until else 3600))
+            try:
+                change = self.changes.get(timeout=timeout)
+                self._show_change(change)
+                continue
+            except queue.Empty:
+                pass
+            if time.monotonic() >= next_draw:
+                if not self.as_json:
+                    self._draw()
+                next_draw = time.monotonic() + self.interval
+        while True:
+            try:
+                self._show_change(self.changes.get_nowait())
+            except queue.Empty:
+                break
+
+    def _show_change(self, change: BusyChange) -> None:
+        for k in self.counts:
+            self.counts[k] += len(getattr(change, k))
+        if self.as_json:
+            print(change_json(change), file=self.out, flush=True)
+            return
+        line = change_line(change)
+        if self.live:
+            self.recent = (self.recent + [line])[-10:]
+        else:
+            print(line, file=self.out, flush=True)
+
+    def _draw(self) -> None:
+        table = render_table(self.mon.load_states(), self.mon.thresholds.busy_threshold)
+        if self.live:
+            self.out.write("\x1b[H\x1b[2J")
+            h = self.mon.health()
+            self.out.write(f"workermon {__version__} — etcd {h.etcd.state}, nats {h.nats.state}  (Ctrl-C to quit)\n\n")
+            self.out.write(table + "\n\nrecent changes:\n" + ("\n".join(self.recent) or "  none yet") + "\n")
+            self.out.flush()
+        else:
+            print(table, file=self.out, flush=True)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_view_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--busy-threshold", type=_threshold, default=0.9, metavar="F",
+                   help="busy when active KV blocks > F × total (Dynamo's --busy-threshold; default 0.9)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per busy-set change, nothing else")
+    p.add_argument("--plain", action="store_true", help="no screen refresh: print the table every --interval")
+    p.add_argument("--interval", type=_positive, default=None, metavar="S",
+                   help="table refresh period (default 1 s live, 5 s plain)")
+    p.add_argument("--duration", type=_positive, default=None, metavar="S", help="exit after S seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="log warnings and reconnects to stderr")
+
+
+def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float, etcd: Sequence[str], nats: Sequence[str]) -> None:
+    if mon.wait_ready(timeout):
+        return
+    h = mon.health()
+    if h.etcd.state != "connected":
+        raise UserError(f"cannot reach etcd at {', '.join(etcd)} within {timeout:g} s"
+                        + (f" ({h.etcd.last_error})" if h.etcd.last_error else ""))
+    raise UserError(f"cannot reach NATS at {', '.join(nats)} within {timeout:g} s"
+                    + (f" ({h.nats.last_error})" if h.nats.last_error else ""))
+
+
+def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
+    etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
+    nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
+    try:
+        mon = WorkerMonitor(etcd, nats, namespace=args.namespace, busy_threshold=args.busy_threshold,
+                            component=args.component, endpoint=args.endpoint)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    view = View(mon, sys.stdout, args.json, args.plain, args.interval or (5.0 if args.plain else 1.0))
+    view.attach()
+    mon.start()
+    try:
+        _wait_ready_or_explain(mon, args.connect_timeout, etcd, nats)
+        until = None if args.duration is None else time.monotonic() + args.duration
+        view.run(until, stopping)
+        if not args.json and not view.live:
+            view._draw()
+    finally:
+        mon.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, stopping: threading.Event) -> int:
+    from ._publisher import WorkerPublisher
+    from ._servers import EtcdServer, NatsServer, ServerError
+
+    if not 1 <= args.workers <= 200:
+        raise UserError(f"--workers must be between 1 and 200, got {args.workers}")
+    rng = random.Random(args.seed)
+    out = sys.stdout
+    servers: List[Any] = []
+    publishers: List[WorkerPublisher] = []
+    mon: Optional[WorkerMonitor] = None
+    # With --json, stdout carries only change objects; progress goes to stderr.
+    say_to = sys.stderr if args.json else out
+
+    def say(text: str) -> None:
+        print(text, file=say_to, flush=True)
+
+    try:
+        try:
+            etcd = EtcdServer()
+            servers.append(etcd)
+            etcd.start()
+            nats = NatsServer()
+            servers.append(nats)
+            nats.start()
+        except ServerError as exc:
+            raise UserError(str(exc)) from None
+        assert etcd.proc is not None and nats.proc is not None
+        say(f"started etcd {etcd.url} (pid {etcd.proc.pid}, dir {etcd.workdir})")
+        say(f"started nats-server {nats.url} (pid {nats.proc.pid}, dir {nats.workdir})")
+        total = 1000
+        for i in range(args.workers):
+            pub = WorkerPublisher([etcd.url], [nats.url], namespace="dynamo", total_kv_blocks=total,
+                                  display_name="demo/simulated-model")
+            publishers.append(pub.start())
+        say(f"registered {args.workers} simulated workers (total_kv_blocks={total}, lease TTL 10 s)")
+        mon = WorkerMonitor([etcd.url], [nats.url], namespace="dynamo", busy_threshold=args.busy_threshold)
+        view = View(mon, out, args.json, args.plain, args.interval or (1.0 if not args.plain else 2.0))
+        view.attach()
+        mon.start()
+        _wait_ready_or_explain(mon, 10.0, [etcd.url], [nats.url])
+
+        # Each worker's load rises and falls on its own period and phase, so
+        # workers cross the threshold both ways within a few seconds.
+        phases = [(rng.uniform(3.0, 6.0), rng.uniform(0, 2 * math.pi)) for _ in publishers]
+        start = time.monotonic()
+
+        def drive() -> None:
+            while not stopping.wait(0.2):
+                t = time.monotonic() - start
+                for pub, (period, phase) in zip(publishers, phases):
+                    level = 0.55 + 0.45 * math.sin(2 * math.pi * t / period + phase)
+                    pub.report(int(total * level), request_active_slots=int(level * 20))
+
+        driver = threading.Thread(target=drive, name="workermon-demo-load", daemon=True)
+        driver.start()
+        until = None if args.duration is None else start + args.duration
+        view.run(until, stopping)
+        stopping.set()
+        driver.join(5)
+        if not args.json:
+            if view.live:
+                view._draw()
+            c = view.counts
+            say(f"demo done: {c['became_busy']} went busy, {c['became_free']} went free, "
+                f"{mon.version} busy-set changes")
+        return 0
+    finally:
+        stopping.set()
+        if mon is not None:
+            mon.stop()
+        for pub in publishers:
+            pub.stop(timeout=2)
+        for server in reversed(servers):
+            server.close()
+        for server in servers:
+            if os.path.exists(server.workdir):
+                shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="workermon", description="Which Dynamo workers are busy, live.")
+    parser.add_argument("--version", action="version", version=f"workermon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    w = sub.add_parser("watch", help="watch a running Dynamo deployment")
+    w.add_argument("--etcd", action="append", metavar="URL", help="etcd endpoint (repeat; default $ETCD_ENDPOINTS)")
+    w.add_argument("--nats", action="append", metavar="URL", help="NATS server (repeat; default $NATS_SERVER)")
+    w.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"), help="Dynamo namespace")
+    w.add_argument("--component", default=None, help="only this component's workers")
+    w.add_argument("--endpoint", default=None, help="only this endpoint's workers (needs --component)")
+    w.add_argument("--connect-timeout", type=_positive, default=5.0, metavar="S",
+                   help="give up when etcd or NATS is unreachable for S seconds at start (default 5)")
+    _add_view_args(w)
+    d = sub.add_parser("demo", help="start local etcd + NATS, simulated workers and a monitor")
+    d.add_argument("--workers", type=int, default=4, metavar="N", help="simulated workers (default 4)")
+    d.add_argument("--seed", type=int, default=None, help="random seed for the load pattern")
+    _add_view_args(d)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping = threading.Event()
+
+    def on_term(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        command = cmd_watch if args.command == "watch" else cmd_demo
+        return command(args, stopping)
+    except KeyboardInterrupt:
+        return 0
+    except UserError as exc:
+        print(f"workermon: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
