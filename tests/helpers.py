@@ -126,3 +126,46 @@ def sample_bytes(entry: Dict[str, Any]) -> bytes:
     if data.startswith("HEX:"):
         return bytes.fromhex(data[4:])
     return str(data).encode("utf-8")
+
+
+class RawNatsSubscriber:
+    """A minimal synchronous NATS subscriber: ``next()`` returns (subject, payload)."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        host, port = url.split("://", 1)[-1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self._buf = b""
+        self._line()  # INFO
+        self.sock.sendall(b'CONNECT {"verbose":false}\r\nSUB %s 1\r\nPING\r\n' % subject.encode())
+        while self._line() != b"PONG":
+            pass
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("NATS closed the connection")
+        self._buf += chunk
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buf:
+            self._fill()
+        line, self._buf = self._buf.split(b"\r\n", 1)
+        return line
+
+    def next(self, timeout: float = 10.0) -> "tuple[str, bytes]":
+        self.sock.settimeout(timeout)
+        while True:
+            line = self._line()
+            if line == b"PING":
+                self.sock.sendall(b"PONG\r\n")
+                continue
+            if line.startswith(b"MSG "):
+                parts = line.split()
+                size = int(parts[-1])
+                while len(self._buf) < size + 2:
+                    self._fill()
+                payload, self._buf = self._buf[:size], self._buf[size + 2:]
+                return parts[1].decode(), payload
+
+    def close(self) -> None:
+        self.sock.close()
