@@ -10,9 +10,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from workermon._etcd import EtcdConfig, make_client
 
-SAMPLES = Path(os.environ.get("WORKERMON_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "dynamo-samples"))
-if not SAMPLES.is_dir():
-    SAMPLES = Path(__file__).resolve().parent / "data" / "dynamo-samples"
+# Real traffic captured from Dynamo 0.5.1 → 1.6.1 (a copy of shared/dynamo-samples).
+SAMPLES = Path(os.environ.get("WORKERMON_SAMPLES", Path(__file__).resolve().parent / "data" / "dynamo-samples"))
 
 
 def etcd_client(url: str) -> Any:
