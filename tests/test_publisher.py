@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 from typing import Any, Callable, Dict
 
 import pytest
@@ -112,8 +113,8 @@ def test_monitor_follows_publisher_and_stop_revokes(make_monitor: Make, pub_fact
 
 
 def test_lost_lease_reregisters(make_monitor: Make, pub_factory, etcd: Any) -> None:  # type: ignore[no-untyped-def]
-    seen = []
-    pub = pub_factory(lease_ttl=1, on_reregister=lambda old, new: seen.append((old, new)))
+    seen: "queue.Queue[tuple[int, int]]" = queue.Queue()
+    pub = pub_factory(lease_ttl=1, on_reregister=lambda old, new: seen.put((old, new)))
     mon = make_monitor()
     mon.start()
     assert mon.wait_ready(10)
@@ -122,7 +123,8 @@ def test_lost_lease_reregisters(make_monitor: Make, pub_factory, etcd: Any) -> N
     etcd.revoke_lease(old)        # as if etcd lost it: the keep-alive sees TTL 0
     assert mon.wait_for(lambda: len(mon.members()) == 1 and old not in mon.members(), 10)
     assert pub.worker_id != old and mon.members() == {pub.worker_id}
-    assert seen == [(old, pub.worker_id)] and pub.reregistrations == 1
+    # The callback runs right after the new card is written.
+    assert seen.get(timeout=10) == (old, pub.worker_id) and pub.reregistrations == 1
     pub.report(1000)
     assert mon.wait_for(lambda: mon.is_busy(pub.worker_id), 10)
 
