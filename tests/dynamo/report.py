@@ -1,0 +1,33 @@
+"""Print the compatibility table (README) from the interop suite's results file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict
+
+
+def main(path: str) -> int:
+    latest: Dict[str, dict] = {}
+    p = Path(path)
+    if not p.exists():
+        print(f"no results at {path}")
+        return 1
+    for line in p.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest[row["release"]] = row
+    print("| release | format | members & totals | last published values | 503 ⇔ all busy | free ⇔ accepted | SIGKILL → removed | run |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rel in sorted(latest, key=lambda r: tuple(int(x) for x in r.split("."))):
+        r = latest[rel]
+        ok = lambda b: "✅" if b else "❌"  # noqa: E731
+        kill = f"✅ {r['kill_removed']} s" if r["kill_removed"] else "❌"
+        print(f"| {rel} | {r['format'] or '?'} | {ok(r['members'] and r['totals'])} | {ok(r['last_values'])} | "
+              f"{ok(r['agrees_503'])} | {ok(r['agrees_free'])} | {kill} | {r['time']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ".dynamo-venvs/results.jsonl"))

@@ -1,0 +1,215 @@
+"""workermon against real Dynamo releases: mocker workers + the real frontend.
+
+Opt in with ``pytest -m dynamo`` after ``scripts/setup-dynamo.sh`` has made one
+virtual environment per release (``$WORKERMON_DYNAMO_VENVS/<version>``); run
+it inside a private network namespace with ``scripts/dynamo-interop.sh``.
+Each release is skipped with its reason when its environment is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import msgspec
+import pytest
+
+from workermon import WorkerMonitor
+from workermon._servers import EtcdServer, NatsServer
+
+from ..helpers import RawNatsSubscriber, etcd_client
+from .fleet import DynamoFleet, version_tuple
+
+pytestmark = pytest.mark.dynamo
+
+RELEASES = os.environ.get("WORKERMON_DYNAMO_RELEASES", "0.6.1 0.7.1 0.8.1 1.0.2").split()
+VENVS = Path(os.environ.get("WORKERMON_DYNAMO_VENVS", Path(__file__).resolve().parents[2] / ".dynamo-venvs"))
+BLOCKS = 64
+THRESHOLD = 0.5
+RESULTS = Path(os.environ.get("WORKERMON_DYNAMO_RESULTS", VENVS / "results.jsonl"))
+
+
+def _python_for(version: str) -> str:
+    python = VENVS / version / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"Dynamo {version} is not set up: run scripts/setup-dynamo.sh {version}")
+    return str(python)
+
+
+def _only_loopback() -> bool:
+    # 0.6/0.7 advertise the first non-loopback address; in a private network
+    # namespace there is none, so every byte stays on loopback.
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return False
+    return names == ["lo"]
+
+
+class LastPublished:
+    """Records each worker's last published active blocks, decoded independently of workermon."""
+
+    def __init__(self, nats_url: str, subject: str) -> None:
+        self.sub = RawNatsSubscriber(nats_url, subject)
+        self.last: Dict[int, int] = {}
+        self.count = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="interop-subscriber")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                _, payload = self.sub.next(timeout=3600)
+            except (OSError, ConnectionError):
+                return
+            if payload[:1] == b"{":
+                doc = json.loads(payload)
+            else:
+                doc = msgspec.msgpack.decode(msgspec.msgpack.decode(payload)["payload"])
+            wid = doc["worker_id"] % (1 << 64)
+            value = doc.get("kv_used_blocks")
+            if value is None:
+                value = doc.get("active_decode_blocks")
+            if value is None and doc.get("data"):
+                value = doc["data"]["kv_stats"]["kv_active_blocks"]
+            if value is not None:
+                with self.lock:
+                    self.last[wid] = value
+                    self.count += 1
+
+    def close(self) -> None:
+        try:
+            self.sub.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sub.close()
+        self.thread.join(10)
+
+
+@pytest.fixture(params=RELEASES)
+def release(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple]:
+    with EtcdServer() as etcd, NatsServer(jetstream=True) as nats:
+        yield etcd, nats
+
+
+def _record(version: str, result: Dict[str, object]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps({"release": version, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result}) + "\n")
+
+
+def test_release_interop(release: str, servers: tuple) -> None:
+    python = _python_for(release)
+    if version_tuple(release) < (0, 8) and not _only_loopback():
+        pytest.skip("Dynamo < 0.8 advertises a non-loopback address: run inside `unshare -n` "
+                    "(scripts/dynamo-interop.sh)")
+    etcd, nats = servers
+    fleet = DynamoFleet(python, release, etcd.url, nats.url, blocks=BLOCKS, busy_threshold=THRESHOLD)
+    subject = ("namespace.dynamo.component.backend.endpoint.generate.kv_metrics"
+               if version_tuple(release) >= (1, 6) else "namespace.dynamo.kv_metrics")
+    published = LastPublished(nats.url, subject)
+    mon = WorkerMonitor([etcd.url], [nats.url], namespace="dynamo", busy_threshold=THRESHOLD)
+    result: Dict[str, object] = {"format": "", "members": False, "totals": False, "last_values": False,
+                                 "agrees_503": False, "agrees_free": False, "kill_removed": False}
+    fleet.start()
+    mon.start()
+    try:
+        assert mon.wait_ready(60)
+        assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 90), fleet.logs()
+        deadline = time.monotonic() + 90
+        while not fleet.models_listed():
+            assert time.monotonic() < deadline, fleet.logs()
+            threading.Event().wait(0.25)
+
+        # Members equal the workers' cards; totals equal --num-gpu-blocks-override.
+        client = etcd_client(etcd.url)
+        cards = {meta.lease_id for _, meta in client.get_prefix("v1/mdc/dynamo/")}
+        client.close()
+        assert mon.members() == cards
+        result["members"] = True
+        assert {s.kv_total_blocks for s in mon.load_states().values()} == {BLOCKS}
+        result["totals"] = True
+
+        # Warm-up: one small request per worker (0.6.1 idles a core until then).
+        for _ in range(fleet.workers):
+            status = 0
+            for _attempt in range(3):
+                status, _ = fleet.chat(max_tokens=2)
+                if status == 200:
+                    break
+            assert status == 200
+
+        # Drive load until the frontend answers 503 because every worker is busy.
+        saw_503 = threading.Event()
+        statuses: List[int] = []
+
+        def one(i: int) -> None:
+            if saw_503.is_set():
+                return
+            status, body = fleet.chat(max_tokens=120, prompt="x" * 600, timeout=120)
+            statuses.append(status)
+            if status == 503 and "busy" in body.lower():
+                saw_503.set()
+                # At the moment the frontend refuses, workermon must say all are busy.
+                agree = mon.wait_for(lambda: mon.busy_workers() == mon.members() and bool(mon.members()), 2.0)
+                result["agrees_503"] = agree
+
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            list(pool.map(one, range(120)))
+        assert saw_503.is_set(), f"no 503 from the frontend; statuses {sorted(set(statuses))}"
+        assert result["agrees_503"], "frontend said all busy, workermon did not"
+
+        # Load drains: workermon reports free workers, and then the frontend accepts again.
+        assert mon.wait_for(lambda: mon.busy_workers() == frozenset(), 120)
+        status, _ = fleet.chat(max_tokens=2)
+        assert status == 200
+        result["agrees_free"] = True
+
+        # Each worker's active blocks equal the last value it published.
+        with published.lock:
+            last = dict(published.last)
+        states = mon.load_states()
+        assert last and set(last) <= set(states)
+        assert {w: states[w].kv_active_blocks.get(0) for w in last} == last
+        result["last_values"] = True
+        result["format"] = _format_of(release)
+
+        # SIGKILL one worker: it leaves workermon's view within its lease TTL + 1 s.
+        ttl = 30.0 if version_tuple(release) >= (1, 6) else 10.0
+        victim = fleet.mockers[0]
+        before = set(mon.members())
+        os.killpg(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert mon.wait_for(lambda: len(mon.members()) == len(before) - 1, ttl + 1.0)
+        result["kill_removed"] = round(time.monotonic() - killed_at, 2)
+    finally:
+        _record(release, result)
+        mon.stop()
+        published.close()
+        fleet.stop()
+
+
+def _format_of(release: str) -> str:
+    v = version_tuple(release)
+    card = "top-level card" if v < (0, 7) else "card_json card"
+    if v < (0, 8):
+        return f"{card}; LoadEvent JSON"
+    if v < (0, 9):
+        return f"{card}; ActiveLoad JSON"
+    if v < (1, 6):
+        return f"{card}; msgpack envelope"
+    return f"{card}; msgpack envelope, endpoint subject"
+
