@@ -34,7 +34,7 @@ from ._etcd import EtcdConfig, EtcdSource, endpoints_from
 from ._health import Health, SourceHealth, SourceStatus
 from ._model import BusyChange, CardListing, StalePolicy, Thresholds, WorkerLoadState
 from ._nats import NatsConfig, NatsSource
-from ._parse import DEFAULT_MAX_CARD_BYTES, DEFAULT_MAX_LOAD_BYTES, Malformed, parse_load
+from ._parse import DEFAULT_MAX_CARD_BYTES, DEFAULT_MAX_LOAD_BYTES, Malformed, parse_load_fields
 from ._reduce import FleetState, Limits
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_mark_forked)
 
 
-@attrs.frozen
 class _Snapshot:
-    busy: frozenset[int]
-    free: frozenset[int]
-    members: frozenset[int]
-    version: int
+    """What readers see: swapped in whole by the reducer, never mutated after.
+
+    ``free`` is derived on first use and cached, so a busy-set change costs
+    O(busy) rather than O(fleet); racing first readers compute the same value.
+    """
+
+    __slots__ = ("busy", "members", "version", "_free")
+
+    def __init__(self, busy: frozenset[int], members: frozenset[int], version: int) -> None:
+        self.busy = busy
+        self.members = members
+        self.version = version
+        self._free: Optional[frozenset[int]] = None
+
+    @property
+    def free(self) -> frozenset[int]:
+        free = self._free
+        if free is None:
+            free = self._free = self.members - self.busy
+        return free
 
 
-_EMPTY = _Snapshot(frozenset(), frozenset(), frozenset(), 0)
+_EMPTY = _Snapshot(frozenset(), frozenset(), 0)
 
 
 class CallbackHandle:
@@ -574,10 +589,12 @@ class WorkerMonitor:
 
     def _apply_loads(self, batch: List[bytes], now: float) -> None:
         state = self._state
+        apply = state.apply_load_fields
         limit = self._max_load_bytes
+        applied = 0
         for raw in batch:
             try:
-                report = parse_load(raw, limit)
+                wid, rank, kv, prefill, revision = parse_load_fields(raw, limit)
             except Malformed as exc:
                 state.counters.inc("malformed_load")
                 state.counters.inc(f"malformed_load_{exc.reason}")
@@ -585,7 +602,8 @@ class WorkerMonitor:
                     self._warned_reasons.add(exc.reason)
                     log.warning("dropping malformed load report (%s); further ones are only counted", exc)
                 continue
-            state.apply_load(report, now)
+            applied += apply(wid, rank, kv, prefill, revision, now)
+        state.counters.inc("load_reports", applied)
         self._applied += len(batch)
 
     def _publish_locked(self) -> None:
@@ -595,9 +613,11 @@ class WorkerMonitor:
         membership = state.take_membership_changed()
         if change is None and not membership:
             return
-        busy = change.busy if change is not None else self._snapshot.busy
-        members = state.members
-        self._snapshot = _Snapshot(busy, members - busy, members, state.version)
+        old = self._snapshot
+        busy = change.busy if change is not None else old.busy
+        # Rebuilding the member set is O(fleet): only when membership changed.
+        members = state.members if membership else old.members
+        self._snapshot = _Snapshot(busy, members, state.version)
         if change is not None:
             self._outbox.append((change, self._callbacks))
 

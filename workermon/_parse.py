@@ -11,7 +11,7 @@ where an integer is required while decoding, at the lowest cost measured
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Union
+from typing import Annotated, Optional, Tuple, Union
 
 import msgspec
 
@@ -23,6 +23,7 @@ __all__ = [
     "Malformed",
     "parse_card",
     "parse_load",
+    "parse_load_fields",
     "worker_id_from_key",
 ]
 
@@ -30,6 +31,7 @@ DEFAULT_MAX_LOAD_BYTES = 64 * 1024
 DEFAULT_MAX_CARD_BYTES = 1024 * 1024
 
 _I64_MAX = (1 << 63) - 1
+_U64 = 1 << 64
 # Counts are JSON integers >= 0.  The upper bound keeps absurd values (which
 # msgspec would happily turn into huge Python ints) out of the arithmetic.
 Count = Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
@@ -105,16 +107,20 @@ def _decode_payload(data: bytes) -> _LoadPayload:
     return _decode_json(data)
 
 
-def parse_load(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> LoadReport:
-    """Parse one load message (LoadEvent or ActiveLoad, JSON or msgpack envelope).
+LoadFields = Tuple[int, int, Optional[int], Optional[int], Optional[int]]
 
+
+def parse_load_fields(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> LoadFields:
+    """Parse one load message into ``(worker_id, dp_rank, kv, prefill, revision)``.
+
+    The reducer's hot path: a plain tuple, no value object per message.
     Raises :class:`Malformed` for anything that is not a valid report.
     """
     if len(data) > max_bytes:
         raise Malformed("oversized", f"{len(data)} bytes > {max_bytes}")
     if not data:
         raise Malformed("empty")
-    raw = bytes(data)
+    raw = data if type(data) is bytes else bytes(data)
     try:
         if raw[0] in _MSGPACK_MAP:
             payload_bytes = _msgpack_envelope.decode(raw).payload
@@ -127,10 +133,12 @@ def parse_load(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAU
         raise Malformed("bad_field", str(exc)) from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise Malformed("bad_encoding", str(exc)) from None
-    try:
-        worker_id = normalize_worker_id(msg.worker_id)
-    except ValueError as exc:
-        raise Malformed("bad_field", str(exc)) from None
+    worker_id = msg.worker_id
+    if not 0 <= worker_id < _U64:
+        try:
+            worker_id = normalize_worker_id(worker_id)
+        except ValueError as exc:
+            raise Malformed("bad_field", str(exc)) from None
 
     dp_rank = msg.dp_rank
     # The worker's own count of used blocks wins over the router-side estimate.
@@ -141,13 +149,15 @@ def parse_load(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAU
             kv = data_.kv_stats.kv_active_blocks
         if dp_rank is None and data_.worker_stats is not None:
             dp_rank = data_.worker_stats.data_parallel_rank
-    return LoadReport(
-        worker_id=worker_id,
-        dp_rank=dp_rank or 0,
-        kv_active_blocks=kv,
-        active_prefill_tokens=msg.active_prefill_tokens,
-        revision=msg.load_report_revision,
-    )
+    return worker_id, dp_rank or 0, kv, msg.active_prefill_tokens, msg.load_report_revision
+
+
+def parse_load(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> LoadReport:
+    """Parse one load message (LoadEvent or ActiveLoad, JSON or msgpack envelope).
+
+    Raises :class:`Malformed` for anything that is not a valid report.
+    """
+    return LoadReport(*parse_load_fields(data, max_bytes))
 
 
 # --- worker cards -----------------------------------------------------------

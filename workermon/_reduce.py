@@ -67,22 +67,15 @@ class _Rank:
         self.kv_over = False
         self.stale = False
 
-    def merge(self, report: LoadReport, now: float) -> None:
-        if report.kv_active_blocks is not None:
-            self.kv = report.kv_active_blocks
-        if report.active_prefill_tokens is not None:
-            self.prefill = report.active_prefill_tokens
-        if report.revision is not None:
-            self.revision = report.revision
+    def merge(self, kv: Optional[int], prefill: Optional[int], revision: Optional[int], now: float) -> None:
+        if kv is not None:
+            self.kv = kv
+        if prefill is not None:
+            self.prefill = prefill
+        if revision is not None:
+            self.revision = revision
         self.time = now
         self.stale = False
-
-    def is_stale_report(self, report: LoadReport) -> bool:
-        return (
-            report.revision is not None
-            and self.revision is not None
-            and report.revision < self.revision
-        )
 
 
 class _Worker:
@@ -243,25 +236,42 @@ class FleetState:
                 continue
             self.apply_card_put(put, now)
 
-    def apply_load(self, report: LoadReport, now: float) -> None:
-        w = self.workers.get(report.worker_id)
+    def apply_load(self, report: LoadReport, now: float) -> bool:
+        """Apply one load report; True when it changed a member's data."""
+        return self.apply_load_fields(
+            report.worker_id, report.dp_rank, report.kv_active_blocks, report.active_prefill_tokens,
+            report.revision, now,
+        )
+
+    def apply_load_fields(
+        self,
+        wid: int,
+        rank_id: int,
+        kv: Optional[int],
+        prefill: Optional[int],
+        revision: Optional[int],
+        now: float,
+    ) -> bool:
+        """The hot path of :meth:`apply_load`, on plain fields (see ``parse_load_fields``)."""
+        w = self.workers.get(wid)
         if w is None:
-            self._hold(report, now)
-            return
-        rank = w.ranks.get(report.dp_rank)
+            self._hold(wid, rank_id, kv, prefill, revision, now)
+            return False
+        rank = w.ranks.get(rank_id)
         if rank is None:
             if len(w.ranks) >= self.limits.max_ranks_per_worker:
                 self.counters.inc("dropped_rank_limit")
-                return
-            rank = w.ranks[report.dp_rank] = _Rank()
-        elif rank.is_stale_report(report):
+                return False
+            rank = w.ranks[rank_id] = _Rank()
+        elif revision is not None and rank.revision is not None and revision < rank.revision:
             self.counters.inc("stale_revision")
-            return
-        rank.merge(report, now)
+            return False
+        rank.merge(kv, prefill, revision, now)
         w.last_time = now
-        self.counters.inc("load_reports")
-        self._schedule_ttl(report.worker_id, report.dp_rank, now)
-        self._evaluate(report.worker_id, w)
+        if self.thresholds.metrics_ttl is not None:
+            self._schedule_ttl(wid, rank_id, now)
+        self._evaluate(wid, w)
+        return True
 
     def set_thresholds(self, thresholds: Thresholds) -> None:
         """Change the rule and re-evaluate every worker at once."""
@@ -344,9 +354,10 @@ class FleetState:
 
     # --- internals ----------------------------------------------------------
 
-    def _hold(self, report: LoadReport, now: float) -> None:
+    def _hold(self, wid: int, rank_id: int, kv: Optional[int], prefill: Optional[int],
+              revision: Optional[int], now: float) -> None:
         self.counters.inc("unknown_worker")
-        held = self._pending.get(report.worker_id)
+        held = self._pending.get(wid)
         if held is None:
             if self.limits.pending_max_workers == 0:
                 self.counters.inc("pending_dropped")
@@ -354,17 +365,17 @@ class FleetState:
             while len(self._pending) >= self.limits.pending_max_workers:
                 self._pending.popitem(last=False)  # oldest first
                 self.counters.inc("pending_dropped")
-            held = self._pending[report.worker_id] = _Pending(now)
-        rank = held.ranks.get(report.dp_rank)
+            held = self._pending[wid] = _Pending(now)
+        rank = held.ranks.get(rank_id)
         if rank is None:
             if len(held.ranks) >= self.limits.max_ranks_per_worker:
                 self.counters.inc("dropped_rank_limit")
                 return
-            rank = held.ranks[report.dp_rank] = _Rank()
-        elif rank.is_stale_report(report):
+            rank = held.ranks[rank_id] = _Rank()
+        elif revision is not None and rank.revision is not None and revision < rank.revision:
             self.counters.inc("stale_revision")
             return
-        rank.merge(report, now)
+        rank.merge(kv, prefill, revision, now)
 
     def _remove_card(self, key: str) -> None:
         wid = self._key_owner.pop(key, None)

@@ -1,0 +1,1 @@
+"""workermon benchmarks: ``python -m bench`` (see BENCHMARKS.md)."""
