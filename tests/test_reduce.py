@@ -330,3 +330,21 @@ def test_invalid_thresholds(kwargs: dict) -> None:
 def test_unknown_update_type() -> None:
     with pytest.raises(TypeError):
         FleetState().apply(object(), 0.0)
+
+
+# --- metrics-feed outage policy ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, busy_during", [("keep", {W1}), ("ignore", set()), ("busy", {W1, W2})])
+def test_outage_policy(policy: str, busy_during: set) -> None:
+    from workermon._model import FeedStatus
+
+    s = FleetState(Thresholds(outage_policy=policy, outage_grace=5.0))  # type: ignore[arg-type]
+    apply_all(s, [FeedStatus(True, 0.0), put(W1), put(W2), load(W1, 950), load(W2, 10)], 0.0)
+    assert s.busy == {W1}
+    apply_all(s, [FeedStatus(False, 10.0)], 10.0)
+    assert s.busy == {W1} and s.next_deadline() == 15.0     # within the grace nothing changes
+    apply_all(s, [], 15.0)
+    assert s.busy == busy_during
+    assert s.load_state(W2, 15.0).kv_active_blocks[0] == 10  # data is kept either way
+    apply_all(s, [FeedStatus(True, 20.0)], 20.0)
+    assert s.busy == {W1}                                    # back to the rule at once

@@ -56,20 +56,20 @@ class SourceStatus:
         self.last_event: Optional[float] = None
         self.last_error: Optional[str] = None
         self.counters: Dict[str, int] = {}
-        self._clock = clock
+        self.clock = clock
 
     def inc(self, counter: str, n: int = 1) -> None:
         self.counters[counter] = self.counters.get(counter, 0) + n
 
     def event(self) -> None:
-        self.last_event = self._clock()
+        self.last_event = self.clock()
 
     def view(self) -> SourceHealth:
         last = self.last_event
         return SourceHealth(
             name=self.name,
             state=self.state,
-            last_event_age=None if last is None else max(0.0, self._clock() - last),
+            last_event_age=None if last is None else max(0.0, self.clock() - last),
             counters=dict(self.counters),
             last_error=self.last_error,
         )

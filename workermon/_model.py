@@ -17,6 +17,7 @@ __all__ = [
     "CardDelete",
     "CardListing",
     "CardPut",
+    "FeedStatus",
     "LoadReport",
     "Thresholds",
     "WorkerLoadState",
@@ -27,6 +28,7 @@ U64 = 1 << 64
 I64_MIN = -(1 << 63)
 
 StalePolicy = Literal["ignore", "busy"]
+OutagePolicy = Literal["keep", "ignore", "busy"]
 
 
 def normalize_worker_id(value: int) -> int:
@@ -154,6 +156,8 @@ class Thresholds:
     prefill_tokens_threshold_frac: Optional[float] = None
     metrics_ttl: Optional[float] = None
     stale_policy: StalePolicy = "ignore"
+    outage_policy: OutagePolicy = "keep"
+    outage_grace: float = 5.0
 
     def __attrs_post_init__(self) -> None:
         if not _is_number(self.busy_threshold) or not 0.0 <= self.busy_threshold <= 1.0:
@@ -185,10 +189,22 @@ class Thresholds:
             raise ValueError(f"metrics_ttl must be a number of seconds > 0, got {self.metrics_ttl!r}")
         if self.stale_policy not in ("ignore", "busy"):
             raise ValueError(f"stale_policy must be 'ignore' or 'busy', got {self.stale_policy!r}")
+        if self.outage_policy not in ("keep", "ignore", "busy"):
+            raise ValueError(f"outage_policy must be 'keep', 'ignore' or 'busy', got {self.outage_policy!r}")
+        if not _is_number(self.outage_grace) or self.outage_grace < 0:
+            raise ValueError(f"outage_grace must be a number of seconds >= 0, got {self.outage_grace!r}")
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
-Update = Union[CardPut, CardDelete, CardListing, LoadReport]
+@attrs.frozen
+class FeedStatus:
+    """The metrics feed (NATS) went down or came back, at ``at`` (monotonic)."""
+
+    up: bool
+    at: float
+
+
+Update = Union[CardPut, CardDelete, CardListing, LoadReport, FeedStatus]

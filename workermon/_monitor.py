@@ -32,7 +32,7 @@ import attrs
 
 from ._etcd import EtcdConfig, EtcdSource, endpoints_from
 from ._health import Health, SourceHealth, SourceStatus
-from ._model import BusyChange, CardListing, StalePolicy, Thresholds, WorkerLoadState
+from ._model import BusyChange, CardListing, OutagePolicy, StalePolicy, Thresholds, WorkerLoadState
 from ._nats import NatsConfig, NatsSource
 from ._parse import DEFAULT_MAX_CARD_BYTES, DEFAULT_MAX_LOAD_BYTES, Malformed, parse_load_fields
 from ._reduce import FleetState, Limits
@@ -152,6 +152,8 @@ class WorkerMonitor:
         prefill_tokens_threshold_frac: Optional[float] = None,
         metrics_ttl: Optional[float] = None,
         stale_policy: StalePolicy = "ignore",
+        outage_policy: OutagePolicy = "keep",
+        outage_grace: float = 5.0,
         max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES,
         max_card_bytes: int = DEFAULT_MAX_CARD_BYTES,
         pending_max_workers: int = 10_000,
@@ -196,6 +198,8 @@ class WorkerMonitor:
                 prefill_tokens_threshold_frac=prefill_tokens_threshold_frac,
                 metrics_ttl=metrics_ttl,
                 stale_policy=stale_policy,
+                outage_policy=outage_policy,
+                outage_grace=outage_grace,
             ),
             Limits(pending_max_workers, pending_max_age, max_ranks_per_worker),
         )
@@ -461,6 +465,8 @@ class WorkerMonitor:
         prefill_tokens_threshold_frac: Optional[float] = _UNCHANGED,
         metrics_ttl: Optional[float] = _UNCHANGED,
         stale_policy: StalePolicy = _UNCHANGED,
+        outage_policy: OutagePolicy = _UNCHANGED,
+        outage_grace: float = _UNCHANGED,
     ) -> Thresholds:
         """Change the busy rule at run time; pass None to turn an option off.
 
@@ -478,6 +484,8 @@ class WorkerMonitor:
                 ("prefill_tokens_threshold_frac", prefill_tokens_threshold_frac),
                 ("metrics_ttl", metrics_ttl),
                 ("stale_policy", stale_policy),
+                ("outage_policy", outage_policy),
+                ("outage_grace", outage_grace),
             )
             if value is not _UNCHANGED
         }

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import attrs
 
 from ._health import Backoff, SourceStatus
+from ._model import FeedStatus
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class NatsConfig:
 
 
 class NatsSource(threading.Thread):
-    """``workermon-nats``: hands raw payload batches to ``emit_batch``.
+    """``workermon-nats``: hands raw payload batches (lists) and FeedStatus items to ``emit``.
 
     ``room`` returns how many more messages may be queued before the reducer
     catches up; beyond it messages are dropped and counted, so a slow reducer
@@ -98,7 +99,7 @@ class NatsSource(threading.Thread):
     def __init__(
         self,
         cfg: NatsConfig,
-        emit_batch: Callable[[List[bytes]], None],
+        emit: Callable[[object], None],
         room: Callable[[], int],
         stopping: threading.Event,
         ready: threading.Event,
@@ -106,7 +107,7 @@ class NatsSource(threading.Thread):
     ) -> None:
         super().__init__(name="workermon-nats", daemon=True)
         self._cfg = cfg
-        self._emit_batch = emit_batch
+        self._emit = emit
         self._room = room
         self._stopping = stopping
         self._ready = ready
@@ -140,9 +141,15 @@ class NatsSource(threading.Thread):
 
     # --- the thread -------------------------------------------------------------
 
+    def _feed(self, up: bool) -> None:
+        self._emit(FeedStatus(up=up, at=self.status.clock()))
+
     def run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        # Until the first subscription is live the feed counts as down, so an
+        # outage policy also covers a NATS that is unreachable from the start.
+        self._feed(False)
         try:
             while not self._stopping.is_set():
                 try:
@@ -218,6 +225,7 @@ class NatsSource(threading.Thread):
             await nc.flush(timeout=cfg.connect_timeout)
             self.status.state = "connected"
             self._last_error_logged = None
+            self._feed(True)
             self._ready.set()
             log.info("NATS subscribed to %s", ", ".join(cfg.subjects))
             await stop
@@ -287,7 +295,7 @@ class NatsSource(threading.Thread):
         self.enqueued += len(batch)
         self.status.inc("messages", len(batch))
         self.status.event()
-        self._emit_batch(batch)
+        self._emit(batch)
 
     async def _on_error(self, exc: Exception) -> None:
         import nats.errors
@@ -301,11 +309,13 @@ class NatsSource(threading.Thread):
         if not self._stopping.is_set():
             self.status.state = "reconnecting"
             self.status.inc("disconnects")
+            self._feed(False)
 
     async def _on_reconnected(self) -> None:
         self._reconnect_backoff.reset()
         self.status.inc("reconnects")
         self.status.state = "connected"
+        self._feed(True)
         self._last_error_logged = None
         log.info("NATS reconnected")
 

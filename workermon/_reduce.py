@@ -22,6 +22,7 @@ from ._model import (
     CardDelete,
     CardListing,
     CardPut,
+    FeedStatus,
     LoadReport,
     Thresholds,
     WorkerLoadState,
@@ -129,6 +130,10 @@ class FleetState:
         # to the flag it had at that commit (flips inside a batch cancel out).
         self._touched: Dict[int, bool] = {}
         self._membership_changed = False
+        # Metrics-feed outage: since when it is down, and whether the
+        # outage policy currently overrides the rule (see Thresholds).
+        self.feed_down_since: Optional[float] = None
+        self.outage_active = False
         # (deadline, worker, rank) heap for metrics_ttl; entries are checked
         # against the rank's current time when popped, so stale ones are cheap.
         self._ttl_heap: List[Tuple[float, int, int]] = []
@@ -195,6 +200,8 @@ class FleetState:
             self.apply_card_delete(update)
         elif isinstance(update, CardListing):
             self.apply_listing(update, now)
+        elif isinstance(update, FeedStatus):
+            self.apply_feed_status(update, now)
         else:
             raise TypeError(f"unknown update {type(update).__name__}")
 
@@ -273,6 +280,18 @@ class FleetState:
         self._evaluate(wid, w)
         return True
 
+    def apply_feed_status(self, status: FeedStatus, now: float) -> None:
+        """The metrics feed went down (policy applies after the grace) or came back."""
+        if status.up:
+            self.feed_down_since = None
+            if self.outage_active:
+                self.outage_active = False
+                self.counters.inc("outages_ended")
+                self._evaluate_all()
+        elif self.feed_down_since is None:
+            self.feed_down_since = status.at
+            self.expire(now)
+
     def set_thresholds(self, thresholds: Thresholds) -> None:
         """Change the rule and re-evaluate every worker at once."""
         ttl_was = self.thresholds.metrics_ttl
@@ -282,14 +301,27 @@ class FleetState:
             for wid, w in self.workers.items():
                 for rank_id, r in w.ranks.items():
                     self._schedule_ttl(wid, rank_id, r.time)
-        for wid, w in self.workers.items():
+        for w in self.workers.values():
             for r in w.ranks.values():
                 # Hysteresis memory is about the old thresholds; start afresh.
                 r.kv_over = False
+        self._evaluate_all()
+
+    def _evaluate_all(self) -> None:
+        for wid, w in self.workers.items():
             self._evaluate(wid, w)
 
     def expire(self, now: float) -> None:
-        """Apply staleness (metrics_ttl) and drop held metrics that are too old."""
+        """Apply staleness (metrics_ttl), the outage policy, and drop held metrics that are too old."""
+        if (
+            self.feed_down_since is not None
+            and not self.outage_active
+            and now - self.feed_down_since >= self.thresholds.outage_grace
+        ):
+            self.outage_active = True
+            self.counters.inc("outages")
+            if self.thresholds.outage_policy != "keep":
+                self._evaluate_all()
         limits = self.limits
         while self._pending:
             wid, held = next(iter(self._pending.items()))
@@ -323,6 +355,9 @@ class FleetState:
         if self._pending:
             held_deadline = next(iter(self._pending.values())).first + self.limits.pending_max_age
             deadline = held_deadline if deadline is None else min(deadline, held_deadline)
+        if self.feed_down_since is not None and not self.outage_active:
+            outage_deadline = self.feed_down_since + self.thresholds.outage_grace
+            deadline = outage_deadline if deadline is None else min(deadline, outage_deadline)
         return deadline
 
     def commit(self) -> Optional[BusyChange]:
@@ -430,16 +465,20 @@ class FleetState:
         return over if has_data else None
 
     def _evaluate(self, wid: int, w: _Worker) -> None:
-        any_data = False
-        all_busy = True
-        for r in w.ranks.values():
-            verdict = self._rank_busy(r, w.card)
-            if verdict is None:
-                continue
-            any_data = True
-            if not verdict:
-                all_busy = False
-        busy = any_data and all_busy
+        if self.outage_active and self.thresholds.outage_policy != "keep":
+            # The feed is down past its grace: fail closed ("busy") or open ("ignore").
+            busy = self.thresholds.outage_policy == "busy"
+        else:
+            any_data = False
+            all_busy = True
+            for r in w.ranks.values():
+                verdict = self._rank_busy(r, w.card)
+                if verdict is None:
+                    continue
+                any_data = True
+                if not verdict:
+                    all_busy = False
+            busy = any_data and all_busy
         if busy == w.busy:
             return
         w.busy = busy
