@@ -181,6 +181,7 @@ class EtcdSource(threading.Thread):
             client = None
             try:
                 url = self._cfg.endpoints[self._endpoint_index]
+                self.status.endpoint = url
                 client = make_client(self._cfg, url)
                 if revision is None:
                     if self.status.counters.get("listings"):

@@ -23,6 +23,7 @@ class SourceHealth:
     last_event_age: Optional[float]
     counters: Mapping[str, int]
     last_error: Optional[str] = None
+    endpoint: Optional[str] = None
 
 
 @attrs.frozen
@@ -55,6 +56,7 @@ class SourceStatus:
         self.state: SourceState = "idle"
         self.last_event: Optional[float] = None
         self.last_error: Optional[str] = None
+        self.endpoint: Optional[str] = None
         self.counters: Dict[str, int] = {}
         self.clock = clock
 
@@ -72,6 +74,7 @@ class SourceStatus:
             last_event_age=None if last is None else max(0.0, self.clock() - last),
             counters=dict(self.counters),
             last_error=self.last_error,
+            endpoint=self.endpoint,
         )
 
 

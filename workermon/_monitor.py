@@ -160,6 +160,7 @@ class WorkerMonitor:
         pending_max_age: float = 30.0,
         max_ranks_per_worker: int = 1024,
         max_queued_messages: int = 200_000,
+        nats_pending_msgs_limit: int = 512 * 1024,
         etcd_ca_cert: Optional[str] = None,
         etcd_cert_key: Optional[str] = None,
         etcd_cert_cert: Optional[str] = None,
@@ -251,6 +252,7 @@ class WorkerMonitor:
                     tls_cert=nats_tls_cert,
                     tls_key=nats_tls_key,
                     credentials_file=nats_credentials,
+                    pending_msgs_limit=nats_pending_msgs_limit,
                     backoff_initial=backoff_initial,
                     backoff_cap=backoff_cap,
                 )
@@ -578,13 +580,21 @@ class WorkerMonitor:
                     break
                 if item is _WAKE:
                     continue
-                if type(item) is list:
-                    self._apply_loads(item, now)
-                else:
-                    if isinstance(item, CardListing):
-                        listed = True
-                    state.apply(item, now)
-            state.expire(now)
+                try:
+                    if type(item) is list:
+                        self._apply_loads(item, now)
+                    else:
+                        state.apply(item, now)
+                        if isinstance(item, CardListing):
+                            listed = True
+                except Exception:  # noqa: BLE001 - one bad update must not cost the others
+                    state.counters.inc("reducer_errors")
+                    log.exception("workermon reducer failed on %s; continuing", type(item).__name__)
+            try:
+                state.expire(now)
+            except Exception:  # noqa: BLE001
+                state.counters.inc("reducer_errors")
+                log.exception("workermon reducer failed while expiring state; continuing")
             self._publish_locked()
         if listed and not self._etcd_ready.is_set():
             self._etcd_ready.set()
@@ -600,19 +610,21 @@ class WorkerMonitor:
         apply = state.apply_load_fields
         limit = self._max_load_bytes
         applied = 0
-        for raw in batch:
-            try:
-                wid, rank, kv, prefill, revision = parse_load_fields(raw, limit)
-            except Malformed as exc:
-                state.counters.inc("malformed_load")
-                state.counters.inc(f"malformed_load_{exc.reason}")
-                if exc.reason not in self._warned_reasons:
-                    self._warned_reasons.add(exc.reason)
-                    log.warning("dropping malformed load report (%s); further ones are only counted", exc)
-                continue
-            applied += apply(wid, rank, kv, prefill, revision, now)
-        state.counters.inc("load_reports", applied)
-        self._applied += len(batch)
+        try:
+            for raw in batch:
+                try:
+                    wid, rank, kv, prefill, revision = parse_load_fields(raw, limit)
+                except Malformed as exc:
+                    state.counters.inc("malformed_load")
+                    state.counters.inc(f"malformed_load_{exc.reason}")
+                    if exc.reason not in self._warned_reasons:
+                        self._warned_reasons.add(exc.reason)
+                        log.warning("dropping malformed load report (%s); further ones are only counted", exc)
+                    continue
+                applied += apply(wid, rank, kv, prefill, revision, now)
+        finally:
+            state.counters.inc("load_reports", applied)
+            self._applied += len(batch)
 
     def _publish_locked(self) -> None:
         """Swap in a new snapshot and queue the change for the callbacks."""

@@ -120,6 +120,7 @@ class NatsSource(threading.Thread):
         self._rr = 0
         self._last_error_logged: Optional[str] = None
         self._live = False  # a connection is established and subscribed
+        self._nc: Any = None
         self.enqueued = 0  # written by this thread only
 
     # --- stopping ---------------------------------------------------------------
@@ -203,7 +204,7 @@ class NatsSource(threading.Thread):
                 return
             exc = connecting.exception()
             if exc is None:
-                nc = client
+                nc = self._nc = client
                 self._live = True
                 break
             self._note_error(exc)
@@ -224,6 +225,7 @@ class NatsSource(threading.Thread):
                 )
             await nc.flush(timeout=cfg.connect_timeout)
             self.status.state = "connected"
+            self.status.endpoint = _url_of(nc)
             self._last_error_logged = None
             self._feed(True)
             self._ready.set()
@@ -313,6 +315,7 @@ class NatsSource(threading.Thread):
 
     async def _on_reconnected(self) -> None:
         self._reconnect_backoff.reset()
+        self.status.endpoint = _url_of(self._nc)
         self.status.inc("reconnects")
         self.status.state = "connected"
         self._feed(True)
@@ -337,6 +340,14 @@ class NatsSource(threading.Thread):
         if text != self._last_error_logged:
             self._last_error_logged = text
             log.warning("NATS: %s; retrying", text)
+
+
+def _url_of(nc: Any) -> Optional[str]:
+    url = getattr(nc, "connected_url", None)
+    if url is None:
+        return None
+    # Never show credentials embedded in a URL.
+    return f"{url.scheme}://{url.hostname}:{url.port}"
 
 
 async def _close_quietly(nc: Any) -> None:
