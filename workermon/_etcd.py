@@ -129,9 +129,15 @@ def make_client(cfg: EtcdConfig, url: str) -> Any:
         time_retry=0,
         opts=list(_GRPC_OPTIONS),
     )
-    return pyetcd.MultiEndpointEtcd3Client(
+    client = pyetcd.MultiEndpointEtcd3Client(
         endpoints=[endpoint], timeout=cfg.timeout, user=cfg.user, password=cfg.password
     )
+    if creds is None:
+        # gRPC refuses call credentials on a plaintext channel ("does not have
+        # a sufficient security level"); the auth token still travels in the
+        # request metadata, which is what etcd reads.
+        client.call_credentials = None
+    return client
 
 
 class EtcdSource(threading.Thread):

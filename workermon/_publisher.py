@@ -65,6 +65,7 @@ class WorkerPublisher:
         nats_token: Optional[str] = None,
         nats_user: Optional[str] = None,
         nats_password: Optional[str] = None,
+        nats_tls_ca: Optional[str] = None,
     ) -> None:
         if card_format not in ("wrapped", "toplevel"):
             raise ValueError(f"card_format must be 'wrapped' or 'toplevel', got {card_format!r}")
@@ -94,6 +95,10 @@ class WorkerPublisher:
             self._nats_auth["token"] = nats_token
         if nats_user is not None:
             self._nats_auth.update(user=nats_user, password=nats_password)
+        if nats_tls_ca is not None or any(s.startswith("tls://") for s in self._servers):
+            import ssl
+
+            self._nats_auth["tls"] = ssl.create_default_context(cafile=nats_tls_ca)
         self._client: Any = None
         self._lease_id = 0
         self._stopping = threading.Event()

@@ -1,0 +1,132 @@
+"""TLS and authentication against real servers, with certificates made by the test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+
+from workermon import WorkerMonitor
+from workermon._publisher import WorkerPublisher
+from workermon._servers import EtcdServer, NatsServer, find_etcd
+
+from .certs import make_certs
+from .helpers import card_json, card_key
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _no_secret(mon: WorkerMonitor, caplog: pytest.LogCaptureFixture) -> None:
+    assert SECRET not in caplog.text
+    assert SECRET not in repr(mon) and SECRET not in repr(mon.health())
+    assert SECRET not in repr(mon._etcd_cfg) and SECRET not in repr(mon._nats_cfg)
+
+
+def _etcdctl(url: str, *args: str, **kw: Any) -> None:
+    etcdctl = os.path.join(os.path.dirname(find_etcd()), "etcdctl")
+    subprocess.run([etcdctl, "--endpoints", url, *args], check=True, capture_output=True, timeout=30, **kw)
+
+
+@pytest.fixture
+def tls_etcd(certs: Dict[str, str]) -> Iterator[EtcdServer]:
+    server = EtcdServer(scheme="https", extra_args=[
+        "--cert-file", certs["server"], "--key-file", certs["server_key"],
+        "--trusted-ca-file", certs["ca"], "--client-cert-auth"])
+    server.start()
+    yield server
+    server.close()
+
+
+def test_etcd_with_client_certificates(tls_etcd: EtcdServer, nats_server: NatsServer, certs: Dict[str, str],
+                                       namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    _etcdctl(tls_etcd.url, "--cacert", certs["ca"], "--cert", certs["client"], "--key", certs["client_key"],
+             "put", card_key(namespace, 0xE1), card_json(10))
+    mon = WorkerMonitor([tls_etcd.url], [nats_server.url], namespace=namespace, etcd_ca_cert=certs["ca"],
+                        etcd_cert_cert=certs["client"], etcd_cert_key=certs["client_key"])
+    with mon:
+        assert mon.wait_ready(10)
+        assert mon.members() == {0xE1}
+    # Without a client certificate the server refuses: a clear error, no readiness.
+    bad = WorkerMonitor([tls_etcd.url], [nats_server.url], namespace=namespace, etcd_ca_cert=certs["ca"])
+    with bad:
+        assert bad.wait_ready(2) is False
+        assert bad.health().etcd.last_error
+
+
+def test_etcd_user_password(own_plain_etcd: EtcdServer, nats_server: NatsServer, namespace: str,
+                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = own_plain_etcd.url
+    _etcdctl(url, "put", card_key(namespace, 0xE2), card_json(10))
+    _etcdctl(url, "user", "add", "root", "--new-user-password", SECRET)
+    _etcdctl(url, "auth", "enable")
+    mon = WorkerMonitor([url], [nats_server.url], namespace=namespace, etcd_user="root", etcd_password=SECRET)
+    with mon:
+        assert mon.wait_ready(10)
+        assert mon.members() == {0xE2}
+        _no_secret(mon, caplog)
+    wrong = WorkerMonitor([url], [nats_server.url], namespace=namespace, etcd_user="root",
+                          etcd_password=SECRET + "-wrong")
+    with wrong:
+        assert wrong.wait_ready(2) is False
+        err = wrong.health().etcd.last_error or ""
+        assert "authentication failed" in err, err
+        warnings = [r for r in caplog.records if r.name == "workermon._etcd" and "authentication failed" in r.message]
+        assert len(warnings) == 1          # one clear line, not one per retry
+    assert SECRET not in caplog.text
+
+
+@pytest.fixture
+def own_plain_etcd() -> Iterator[EtcdServer]:
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("mode", ["tls", "token", "user"])
+def test_nats_tls_token_user(mode: str, etcd_server: EtcdServer, certs: Dict[str, str], namespace: str,
+                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    args: Dict[str, list] = {
+        "tls": ["--tls", "--tlscert", certs["server"], "--tlskey", certs["server_key"]],
+        "token": ["--auth", SECRET],
+        "user": ["--user", "router", "--pass", SECRET],
+    }
+    server = NatsServer(extra_args=args[mode], scheme="tls" if mode == "tls" else "nats")
+    server.start()
+    good: Dict[str, Any] = {"tls": {"nats_tls_ca": certs["ca"]}, "token": {"nats_token": SECRET},
+                            "user": {"nats_user": "router", "nats_password": SECRET}}[mode]
+    bad: Dict[str, Any] = {"tls": {}, "token": {"nats_token": "nope"},
+                           "user": {"nats_user": "router", "nats_password": "nope"}}[mode]
+    pub = WorkerPublisher([etcd_server.url], [server.url], namespace=namespace, total_kv_blocks=10,
+                          **{k: v for k, v in good.items()})
+    try:
+        pub.start()
+        mon = WorkerMonitor([etcd_server.url], [server.url], namespace=namespace, **good)
+        with mon:
+            assert mon.wait_ready(10)
+            pub.report(10)
+            assert mon.wait_for(lambda: mon.is_busy(pub.worker_id), 10)
+            _no_secret(mon, caplog)
+        wrong = WorkerMonitor([etcd_server.url], [server.url], namespace=namespace, **bad)
+        with wrong:
+            assert wrong.wait_ready(2) is False
+            assert wrong.health().nats.last_error
+            nats_warnings = [r for r in caplog.records if r.name == "workermon._nats" and r.levelno >= logging.WARNING
+                             and "retrying" in r.message]
+            assert 1 <= len({r.message for r in nats_warnings}) <= 2
+    finally:
+        pub.stop()
+        server.close()
+    assert SECRET not in caplog.text
