@@ -13,7 +13,7 @@ from typing import IO, Any, List, Tuple
 
 import pytest
 
-from workermon._publisher import WorkerPublisher
+from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 CMD = [sys.executable, "-m", "workermon"]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 
 from workermon import WorkerMonitor
-from workermon._publisher import WorkerPublisher
+from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .test_cli import Lines

@@ -10,7 +10,7 @@ import pytest
 
 from workermon import WorkerMonitor
 from workermon._parse import parse_card, parse_load
-from workermon._publisher import WorkerPublisher
+from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer
 
 from .conftest import Changes

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterator
 import pytest
 
 from workermon import WorkerMonitor
-from workermon._publisher import WorkerPublisher
+from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, find_etcd
 
 from .certs import make_certs

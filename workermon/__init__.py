@@ -7,6 +7,7 @@ import logging
 from ._health import Health, SourceHealth
 from ._model import BusyChange, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, WorkerMonitor
+from ._publisher import WorkerPublisher
 
 __all__ = [
     "BusyChange",
@@ -16,6 +17,7 @@ __all__ = [
     "Thresholds",
     "WorkerLoadState",
     "WorkerMonitor",
+    "WorkerPublisher",
     "__version__",
 ]
 

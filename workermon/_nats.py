@@ -167,18 +167,8 @@ class NatsSource(threading.Thread):
             self.status.state = "stopped"
 
     def _shutdown_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        except Exception:  # noqa: BLE001
-            log.debug("NATS loop shutdown was untidy", exc_info=True)
-        finally:
-            self._loop = None
-            loop.close()
+        self._loop = None
+        close_loop(loop)
 
     async def _main(self) -> None:
         from nats.aio.client import Client
@@ -340,6 +330,21 @@ class NatsSource(threading.Thread):
         if text != self._last_error_logged:
             self._last_error_logged = text
             log.warning("NATS: %s; retrying", text)
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still pending on a stopped loop, let it finish, close the loop."""
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except Exception:  # noqa: BLE001
+        log.debug("asyncio loop shutdown was untidy", exc_info=True)
+    finally:
+        loop.close()
 
 
 def _url_of(nc: Any) -> Optional[str]:

@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 from ._etcd import EtcdConfig, endpoints_from, make_client
-from ._nats import check_nats_url
+from ._nats import check_nats_url, close_loop
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +304,7 @@ class WorkerPublisher:
             try:
                 loop.run_forever()
             finally:
-                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-                for task in pending:
-                    task.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.close()
+                close_loop(loop)
 
         self._loop_thread = threading.Thread(target=run, name="workermon-publisher-nats", daemon=True)
         self._loop_thread.start()

@@ -18,7 +18,7 @@ def main(path: str) -> int:
         if line.strip():
             row = json.loads(line)
             latest[row["release"]] = row
-    print("| release | format | members & totals | last published values | 503 ⇔ all busy | free ⇔ accepted | SIGKILL → removed | run |")
+    print("| release | format | members & totals | last published values | frontend rejects ⇒ all busy | free ⇒ frontend accepts | SIGKILL → removed after | run |")
     print("|---|---|---|---|---|---|---|---|")
     for rel in sorted(latest, key=lambda r: tuple(int(x) for x in r.split("."))):
         r = latest[rel]
