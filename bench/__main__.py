@@ -234,6 +234,58 @@ def per_event_naive(workers: int, events: int) -> float:
     return (time.perf_counter() - t0) / events
 
 
+# --- decoder choice -----------------------------------------------------------------------------
+
+
+def _checked_fields(d: Any) -> Tuple[int, int, Optional[int]]:
+    """The validation workermon's parser does, written by hand for a generic decoder."""
+    if type(d) is not dict:
+        raise ValueError("not an object")
+    wid = d.get("worker_id")
+    if type(wid) is not int or not -(2**63) <= wid < 2**64:
+        raise ValueError("worker_id")
+    data = d.get("data")
+    rank, kv = 0, None
+    if data is not None:
+        if type(data) is not dict:
+            raise ValueError("data")
+        kvs, ws = data.get("kv_stats"), data.get("worker_stats")
+        if kvs is not None:
+            if type(kvs) is not dict:
+                raise ValueError("kv_stats")
+            kv = kvs.get("kv_active_blocks")
+            if kv is not None and (type(kv) is not int or not 0 <= kv < 2**63):
+                raise ValueError("kv")
+        if ws is not None:
+            if type(ws) is not dict:
+                raise ValueError("worker_stats")
+            r = ws.get("data_parallel_rank")
+            if r is not None and (type(r) is not int or not 0 <= r < 2**31):
+                raise ValueError("rank")
+            rank = r or 0
+    return wid, rank, kv
+
+
+def decoder_costs(n: int) -> Dict[str, float]:
+    """µs per message to decode and validate a LoadEvent, per decoder (same checks for each)."""
+    from workermon._parse import parse_load_fields
+
+    raws = [payload(BASE + (j % 1000), value_for(j % 1000, j // 1000)) for j in range(n)]
+    out: Dict[str, float] = {}
+    candidates: Dict[str, Callable[[bytes], Any]] = {"msgspec (typed struct, workermon)": parse_load_fields}
+    try:
+        import orjson
+
+        candidates["orjson + hand-written checks"] = lambda raw: _checked_fields(orjson.loads(raw))
+    except ImportError:
+        pass
+    candidates["json (stdlib) + hand-written checks"] = lambda raw: _checked_fields(json.loads(raw))
+    for name, fn in candidates.items():
+        best = min(timeit.repeat(lambda: [fn(r) for r in raws], number=1, repeat=5))
+        out[name] = best / n * 1e6
+    return out
+
+
 # --- 4. reads -----------------------------------------------------------------------------------
 
 
@@ -379,6 +431,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "✅" if max(r10[0], r10k[0]) < 1000 and r10k[0] < 2 * r10[0] else "❌"))
     rows.append(("busy_workers() @ 10 / 10k workers", f"{r10[1]:.0f} / {r10k[1]:.0f} ns/op", "≪ 1 µs, flat",
                  "✅" if max(r10[1], r10k[1]) < 1000 and r10k[1] < 2 * r10[1] else "❌"))
+    dec = decoder_costs(5_000 if smoke else 50_000)
+    base_cost = dec["msgspec (typed struct, workermon)"]
+    for name, cost_us in dec.items():
+        rows.append((f"decode + validate a LoadEvent: {name}", f"{cost_us:.2f} µs",
+                     "choose the cheapest that keeps every check", f"{cost_us / base_cost:.2f}× msgspec's cost"))
     mem = memory_per_worker(10_000)
     rows.append(("memory per worker (10k, card + report)", f"{mem:,.0f} B", "≤ 2 KB", "✅" if mem <= 2048 else "❌"))
 
@@ -424,7 +481,7 @@ Targets not reached, and why:
 - **Ingest ≥ 2.0× the naive subscriber.** workermon applies ~125–135k msg/s here, above the best
   design measured in `shared/INGEST.md` (82–87k/s) and at the practical ceiling of nats-py's public
   API; but the naive subscriber measured side by side on this machine reaches ~75k/s, not the ~35k/s
-  that INGEST.md recorded, so the ratio is ~1.7×. py-spy shows ~60 % of the busy time in nats-py's
+  that INGEST.md recorded, so the ratio is ~1.7–1.8×. py-spy shows ~60 % of the busy time in nats-py's
   own parsing, `Msg` objects and asyncio plumbing on the loop thread; what workermon does per message
   there is one list append. The reducer's share was cut from ~3.5 to ~1.6 µs per message (plain tuples
   instead of a value object per message, the free set derived lazily, the member set rebuilt only on
