@@ -56,6 +56,24 @@ def nats_server() -> Iterator[NatsServer]:
 
 
 @pytest.fixture
+def fresh_etcd() -> Iterator[EtcdServer]:
+    """An etcd of the test's own, for tests that kill, stop or reconfigure it."""
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fresh_nats() -> Iterator[NatsServer]:
+    """A nats-server of the test's own, for tests that kill or restart it."""
+    server = NatsServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def namespace() -> str:
     """Each test gets its own namespace: its own key prefix and subjects."""
     return "t" + uuid.uuid4().hex[:12]

@@ -22,22 +22,6 @@ def subject(ns: str) -> str:
     return f"namespace.{ns}.kv_metrics"
 
 
-@pytest.fixture
-def own_etcd() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def own_nats() -> Iterator[NatsServer]:
-    server = NatsServer()
-    server.start()
-    yield server
-    server.close()
-
-
 def etcd_cards(url: str, ns: str) -> Dict[int, int]:
     """What etcd holds now: lease (worker id) → total."""
     import json
@@ -59,9 +43,9 @@ def view(mon: WorkerMonitor) -> Dict[int, Any]:
 # --- etcd ---------------------------------------------------------------------------------------
 
 
-def test_etcd_kill9_restart_20_times_during_churn(own_etcd: EtcdServer, nats_server: NatsServer,
+def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_server: NatsServer,
                                                   namespace: str) -> None:
-    mon = WorkerMonitor([own_etcd.url], [nats_server.url], namespace=namespace, busy_threshold=0.9)
+    mon = WorkerMonitor([fresh_etcd.url], [nats_server.url], namespace=namespace, busy_threshold=0.9)
     removed: Counter = Counter()
     ever_busy: Set[int] = set()
 
@@ -83,7 +67,7 @@ def test_etcd_kill9_restart_20_times_during_churn(own_etcd: EtcdServer, nats_ser
         while not stop.is_set():
             try:
                 if client is None:
-                    client = etcd_client(own_etcd.url)
+                    client = etcd_client(fresh_etcd.url)
                 r = rng.random()
                 if r < 0.45 or not leases:
                     lease = client.lease(2 if rng.random() < 0.3 else 60)   # some expire on their own
@@ -115,7 +99,7 @@ def test_etcd_kill9_restart_20_times_during_churn(own_etcd: EtcdServer, nats_ser
     try:
         for _ in range(20):
             stop.wait(0.3)
-            own_etcd.restart()      # kill -9, then start on the same ports and data
+            fresh_etcd.restart()      # kill -9, then start on the same ports and data
     finally:
         stop.set()
         t.join(30)
@@ -123,7 +107,7 @@ def test_etcd_kill9_restart_20_times_during_churn(own_etcd: EtcdServer, nats_ser
     # Converges: members and totals equal what etcd holds (expiries included).
     deadline = time.monotonic() + 30
     while True:
-        truth = etcd_cards(own_etcd.url, namespace)
+        truth = etcd_cards(fresh_etcd.url, namespace)
         if mon.wait_for(lambda: view(mon) == truth, 3):
             break
         assert time.monotonic() < deadline, (view(mon), truth)
@@ -135,10 +119,10 @@ def test_etcd_kill9_restart_20_times_during_churn(own_etcd: EtcdServer, nats_ser
     mon.stop()
 
 
-def test_compaction_while_cut_off_relists_and_reconciles(own_etcd: EtcdServer, nats_server: NatsServer,
+def test_compaction_while_cut_off_relists_and_reconciles(fresh_etcd: EtcdServer, nats_server: NatsServer,
                                                          namespace: str, changes: Changes) -> None:
-    proxy = CuttableProxy(own_etcd.client_port)
-    client = etcd_client(own_etcd.url)
+    proxy = CuttableProxy(fresh_etcd.client_port)
+    client = etcd_client(fresh_etcd.url)
     pub = RawNatsPublisher(nats_server.url)
     try:
         leases = [client.lease(60) for _ in range(4)]
@@ -304,19 +288,19 @@ def test_nats_first_connection_is_retried(etcd_server: EtcdServer, namespace: st
         server.close()
 
 
-def test_nats_restart_20_times_under_load(etcd_server: EtcdServer, own_nats: NatsServer, namespace: str) -> None:
+def test_nats_restart_20_times_under_load(etcd_server: EtcdServer, fresh_nats: NatsServer, namespace: str) -> None:
     client = etcd_client(etcd_server.url)
     client.put(card_key(namespace, 0xC1), card_json(1000))
-    mon = WorkerMonitor([etcd_server.url], [own_nats.url], namespace=namespace)
+    mon = WorkerMonitor([etcd_server.url], [fresh_nats.url], namespace=namespace)
     mon.start()
     assert mon.wait_ready(10)
     recoveries: List[float] = []
     try:
         for i in range(20):
-            own_nats.restart()
+            fresh_nats.restart()
             back = time.monotonic()
             marker = 10_000 + i
-            pub = RawNatsPublisher(own_nats.url)
+            pub = RawNatsPublisher(fresh_nats.url)
             try:
                 # Load keeps flowing; the marker shows when updates arrive again.
                 def arrived() -> bool:

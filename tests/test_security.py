@@ -63,10 +63,10 @@ def test_etcd_with_client_certificates(tls_etcd: EtcdServer, nats_server: NatsSe
         assert bad.health().etcd.last_error
 
 
-def test_etcd_user_password(own_plain_etcd: EtcdServer, nats_server: NatsServer, namespace: str,
+def test_etcd_user_password(fresh_etcd: EtcdServer, nats_server: NatsServer, namespace: str,
                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    url = own_plain_etcd.url
+    url = fresh_etcd.url
     _etcdctl(url, "put", card_key(namespace, 0xE2), card_json(10))
     _etcdctl(url, "user", "add", "root", "--new-user-password", SECRET)
     _etcdctl(url, "auth", "enable")
@@ -84,14 +84,6 @@ def test_etcd_user_password(own_plain_etcd: EtcdServer, nats_server: NatsServer,
         warnings = [r for r in caplog.records if r.name == "workermon._etcd" and "authentication failed" in r.message]
         assert len(warnings) == 1          # one clear line, not one per retry
     assert SECRET not in caplog.text
-
-
-@pytest.fixture
-def own_plain_etcd() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("mode", ["tls", "token", "user"])

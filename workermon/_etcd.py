@@ -226,15 +226,18 @@ class EtcdSource(threading.Thread):
         url = self._cfg.endpoints[self._endpoint_index]
         if len(self._cfg.endpoints) > 1:
             self._endpoint_index = (self._endpoint_index + 1) % len(self._cfg.endpoints)
+        expected = isinstance(exc, (grpc.RpcError, ConnectionError, OSError, TimeoutError)) or type(
+            exc
+        ).__module__.startswith("pyetcd")
+        if not expected:
+            self.status.inc("restarts")
+        # One line per distinct error, not one per retry.
         if text != self._last_error_logged:
             self._last_error_logged = text
-            if isinstance(exc, (grpc.RpcError, ConnectionError, OSError, TimeoutError)) or type(
-                exc
-            ).__module__.startswith("pyetcd"):
+            if expected:
                 log.warning("etcd %s: %s; retrying", url, text)
             else:
                 log.error("etcd source failed unexpectedly; restarting it", exc_info=exc)
-                self.status.inc("restarts")
 
     def _list(self, client: Any) -> int:
         """Read every card under the prefix at one revision and emit a listing."""
@@ -293,6 +296,7 @@ class EtcdSource(threading.Thread):
                     raise ConnectionError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
                 if resp.created:
                     self.status.state = "connected"
+                    yield revision  # a live watch: the back-off starts afresh
                     continue
                 if resp.events:
                     for ev in resp.events:
