@@ -168,3 +168,15 @@ class RawNatsSubscriber:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def retry_pause(seconds: float = 0.1) -> None:
+    """Back off before retrying a condition that has no event to wait on.
+
+    For example a write that fails until an etcd cluster has elected a new
+    leader, or another process's HTTP port. Never used to order events:
+    every retry loop that calls this has a deadline and checks the outcome.
+    """
+    import time
+
+    time.sleep(seconds)

@@ -21,6 +21,7 @@ from workermon import WorkerMonitor
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 
+from .helpers import retry_pause
 from .test_cli import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_gunicorn_post_fork(etcd_server: EtcdServer, nats_server: NatsServer, na
             try:
                 status, body = _get(base + "/workers")
             except OSError:
-                threading.Event().wait(0.1)
+                retry_pause()
                 continue
             if status == 200 and body["members"] == [pub.worker_id]:
                 pids.add(body["pid"])

@@ -14,7 +14,7 @@ from workermon import BusyChange, WorkerMonitor
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .conftest import Changes
-from .helpers import RawNatsPublisher, active_load, card_json, card_key, etcd_client
+from .helpers import RawNatsPublisher, active_load, card_json, card_key, etcd_client, retry_pause
 from .proxy import CuttableProxy
 
 
@@ -232,7 +232,7 @@ def test_etcd_cluster_leader_killed(etcd_cluster: List[EtcdServer], nats_server:
                     break
                 except Exception:  # noqa: BLE001
                     assert time.monotonic() < deadline
-                    threading.Event().wait(0.1)
+                    retry_pause()
         assert mon.wait_for(lambda: mon.members() == {0xA1, 0xA2, 0xA3}, 20), mon.health().etcd
         assert mon.health().etcd.endpoint != leader.url
     finally:
@@ -258,7 +258,7 @@ def test_hung_etcd_detected_by_keepalive(etcd_cluster: List[EtcdServer], nats_se
                 break
             except Exception:  # noqa: BLE001 - a new leader may be needed first
                 assert time.monotonic() < deadline
-                threading.Event().wait(0.1)
+                retry_pause()
         # gRPC keepalive (10 s ping, 5 s ack) finds the hang; the monitor moves on.
         assert mon.wait_for(lambda: 0xB1 in mon.members(), 25), mon.health().etcd
         detected = time.monotonic() - paused_at

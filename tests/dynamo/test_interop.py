@@ -24,7 +24,7 @@ import pytest
 from workermon import WorkerMonitor
 from workermon._servers import EtcdServer, NatsServer
 
-from ..helpers import RawNatsSubscriber, etcd_client
+from ..helpers import RawNatsSubscriber, etcd_client, retry_pause
 from .fleet import DynamoFleet, version_tuple
 
 pytestmark = pytest.mark.dynamo
@@ -132,7 +132,7 @@ def test_release_interop(release: str, servers: tuple) -> None:
         deadline = time.monotonic() + 90
         while not fleet.models_listed():
             assert time.monotonic() < deadline, fleet.logs()
-            threading.Event().wait(0.25)
+            retry_pause(0.25)
 
         # Members equal the workers' cards; totals equal --num-gpu-blocks-override.
         client = etcd_client(etcd.url)
