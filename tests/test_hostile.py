@@ -133,6 +133,9 @@ def _brute_force_busy(s: FleetState) -> set:
     for wid, w in s.workers.items():
         verdicts = []
         for r in w.ranks.values():
+            if r.stale:               # stale_policy="busy": fails closed
+                verdicts.append(True)
+                continue
             has, over = False, False
             if r.kv is not None:
                 has = True
@@ -149,10 +152,13 @@ def _brute_force_busy(s: FleetState) -> set:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(updates, max_size=8), max_size=8), st.floats(0.0, 1.0),
-       st.one_of(st.none(), st.integers(0, 5000)), st.sampled_from(["keep", "ignore", "busy"]))
-def test_reducer_invariants(batches: List[List[Any]], threshold: float, prefill: Any, policy: str) -> None:
+       st.one_of(st.none(), st.integers(0, 5000)), st.sampled_from(["keep", "ignore", "busy"]),
+       st.one_of(st.none(), st.sampled_from([0.5, 1.5])), st.sampled_from(["ignore", "busy"]))
+def test_reducer_invariants(batches: List[List[Any]], threshold: float, prefill: Any, policy: str,
+                            ttl: Any, stale_policy: str) -> None:
     s = FleetState(Thresholds(busy_threshold=threshold, prefill_tokens_threshold=prefill,
-                              outage_policy=policy, outage_grace=1.0),  # type: ignore[arg-type]
+                              outage_policy=policy, outage_grace=1.0, metrics_ttl=ttl,
+                              stale_policy=stale_policy),  # type: ignore[arg-type]
                    Limits(pending_max_workers=3, pending_max_age=30.0, max_ranks_per_worker=2))
     seen_busy: set = set()
     version = 0
@@ -166,6 +172,9 @@ def test_reducer_invariants(batches: List[List[Any]], threshold: float, prefill:
         assert s.busy <= s.members
         assert s.pending_workers <= 3
         assert all(len(w.ranks) <= 2 and w.cards for w in s.workers.values())
+        assert len(s._ttl_heap) <= sum(len(w.ranks) for w in s.workers.values()) + 2 * 8 * 8
+        if ttl is not None:       # nothing older than the TTL survives an expire()
+            assert all(r.stale or now - r.time < ttl for w in s.workers.values() for r in w.ranks.values())
         assert s.busy == _brute_force_busy(s)
         if change is not None:
             version += 1

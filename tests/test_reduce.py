@@ -348,3 +348,13 @@ def test_outage_policy(policy: str, busy_during: set) -> None:
     assert s.load_state(W2, 15.0).kv_active_blocks[0] == 10  # data is kept either way
     apply_all(s, [FeedStatus(True, 20.0)], 20.0)
     assert s.busy == {W1}                                    # back to the rule at once
+
+
+def test_ttl_bookkeeping_does_not_grow_with_the_message_rate() -> None:
+    s = FleetState(Thresholds(metrics_ttl=30.0))
+    apply_all(s, [put(W1), put(W2)], 0.0)
+    for i in range(100_000):
+        s.apply_load(load(W1 if i % 2 else W2, i % 1000, rank=i % 3), i * 0.0001)
+    assert len(s._ttl_heap) <= 6          # one deadline per rank, not one per report
+    apply_all(s, [], 10.0 + 30.0)           # everything expired since its last report
+    assert dict(s.load_state(W1, 40.0).kv_active_blocks) == {} and s.counters["stale_expired"] == 6

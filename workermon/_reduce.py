@@ -57,7 +57,7 @@ class Counters(Dict[str, int]):
 
 
 class _Rank:
-    __slots__ = ("kv", "prefill", "revision", "time", "kv_over", "stale")
+    __slots__ = ("kv", "prefill", "revision", "time", "kv_over", "stale", "queued")
 
     def __init__(self) -> None:
         self.kv: Optional[int] = None
@@ -67,6 +67,9 @@ class _Rank:
         # Hysteresis memory of the KV rule; see _rank_busy.
         self.kv_over = False
         self.stale = False
+        # Whether a metrics_ttl deadline for this rank is in the heap: at
+        # most one entry per rank, however many reports arrive.
+        self.queued = False
 
     def merge(self, kv: Optional[int], prefill: Optional[int], revision: Optional[int], now: float) -> None:
         if kv is not None:
@@ -134,9 +137,12 @@ class FleetState:
         # outage policy currently overrides the rule (see Thresholds).
         self.feed_down_since: Optional[float] = None
         self.outage_active = False
-        # (deadline, worker, rank) heap for metrics_ttl; entries are checked
-        # against the rank's current time when popped, so stale ones are cheap.
-        self._ttl_heap: List[Tuple[float, int, int]] = []
+        # (deadline, seq, worker, rank id, rank) heap for metrics_ttl.  A rank
+        # has at most one entry: when it comes due after newer reports it is
+        # pushed again for the newest one, so the heap never outgrows the
+        # ranks (a report per message would grow it with the message rate).
+        self._ttl_heap: List[Tuple[float, int, int, int, _Rank]] = []
+        self._ttl_seq = 0
 
     # --- reading ------------------------------------------------------------
 
@@ -221,7 +227,7 @@ class FleetState:
                 w.last_time = max((r.time for r in held.ranks.values()), default=None)
                 self.counters.inc("pending_applied")
                 for rank_id, r in held.ranks.items():
-                    self._schedule_ttl(put.worker_id, rank_id, r.time)
+                    self._schedule_ttl(put.worker_id, rank_id, r)
         w.cards[put.key] = put.card
         self._key_owner[put.key] = put.worker_id
         w.choose_card()
@@ -275,8 +281,8 @@ class FleetState:
             return False
         rank.merge(kv, prefill, revision, now)
         w.last_time = now
-        if self.thresholds.metrics_ttl is not None:
-            self._schedule_ttl(wid, rank_id, now)
+        if not rank.queued and self.thresholds.metrics_ttl is not None:
+            self._schedule_ttl(wid, rank_id, rank)
         self._evaluate(wid, w)
         return True
 
@@ -300,7 +306,8 @@ class FleetState:
             self._ttl_heap = []
             for wid, w in self.workers.items():
                 for rank_id, r in w.ranks.items():
-                    self._schedule_ttl(wid, rank_id, r.time)
+                    r.queued = False
+                    self._schedule_ttl(wid, rank_id, r)
         for w in self.workers.values():
             for r in w.ranks.values():
                 # Hysteresis memory is about the old thresholds; start afresh.
@@ -335,11 +342,16 @@ class FleetState:
             heap.clear()
             return
         while heap and heap[0][0] <= now:
-            _, wid, rank_id = heapq.heappop(heap)
+            _, _, wid, rank_id, r = heapq.heappop(heap)
             w = self.workers.get(wid)
-            r = w.ranks.get(rank_id) if w is not None else None
-            if w is None or r is None or r.stale or now - r.time < ttl:
-                continue  # superseded by a newer report, or already gone
+            if w is None or w.ranks.get(rank_id) is not r:
+                continue  # the rank (or its worker) is gone
+            r.queued = False
+            if r.stale:
+                continue
+            if now - r.time < ttl:
+                self._schedule_ttl(wid, rank_id, r)  # refreshed meanwhile: due later
+                continue
             self.counters.inc("stale_expired")
             if self.thresholds.stale_policy == "ignore":
                 del w.ranks[rank_id]
@@ -430,10 +442,12 @@ class FleetState:
             self._busy.discard(wid)
             self._note(wid, False)
 
-    def _schedule_ttl(self, wid: int, rank_id: int, t: float) -> None:
+    def _schedule_ttl(self, wid: int, rank_id: int, r: _Rank) -> None:
         ttl = self.thresholds.metrics_ttl
-        if ttl is not None:
-            heapq.heappush(self._ttl_heap, (t + ttl, wid, rank_id))
+        if ttl is not None and not r.queued:
+            self._ttl_seq += 1
+            heapq.heappush(self._ttl_heap, (r.time + ttl, self._ttl_seq, wid, rank_id, r))
+            r.queued = True
 
     def _rank_busy(self, r: _Rank, card: Card) -> Optional[bool]:
         """True/False when some configured rule has data for the rank, else None."""
