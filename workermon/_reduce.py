@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import types
+import weakref
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
@@ -127,6 +128,7 @@ class FleetState:
         self.version = 0
         self.workers: Dict[int, _Worker] = {}
         self._key_owner: Dict[str, int] = {}
+        self._card_pool: "weakref.WeakValueDictionary[Card, Card]" = weakref.WeakValueDictionary()
         self._busy: Set[int] = set()
         self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
         # Since the last commit: each worker whose busy flag changed, mapped
@@ -228,7 +230,10 @@ class FleetState:
                 self.counters.inc("pending_applied")
                 for rank_id, r in held.ranks.items():
                     self._schedule_ttl(put.worker_id, rank_id, r)
-        w.cards[put.key] = put.card
+        # Workers of one deployment carry equal cards: share one object, so
+        # the hot path touches one card in cache instead of one per worker.
+        card = self._card_pool.setdefault(put.card, put.card)
+        w.cards[put.key] = card
         self._key_owner[put.key] = put.worker_id
         w.choose_card()
         self._evaluate(put.worker_id, w)
