@@ -327,6 +327,10 @@ class WorkerMonitor:
             self._stopped = True
             self._stopping.set()
             threads = list(self._threads)
+        if self._forked_from is not None:
+            # A forked child's copy: its threads, gRPC calls and event loop
+            # belong to the parent; touching them here could hang the child.
+            return True
         # One sentinel, put last: the reducer applies what came before it.
         self._queue.put(_STOP)
         for source in (self._etcd, self._nats):
