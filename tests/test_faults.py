@@ -43,9 +43,11 @@ def view(mon: WorkerMonitor) -> Dict[int, Any]:
 # --- etcd ---------------------------------------------------------------------------------------
 
 
-def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_server: NatsServer,
-                                                  namespace: str) -> None:
-    mon = WorkerMonitor([fresh_etcd.url], [nats_server.url], namespace=namespace, busy_threshold=0.9)
+def _churn_under_restarts(etcd: EtcdServer, nats: NatsServer, namespace: str, restarts: int,
+                          restart_nats: bool = False) -> None:
+    """Card churn (adds, changes, deletes, lease expiries) with busy metrics while
+    the servers are killed with -9 and restarted; then the view must converge."""
+    mon = WorkerMonitor([etcd.url], [nats.url], namespace=namespace, busy_threshold=0.9)
     removed: Counter = Counter()
     ever_busy: Set[int] = set()
 
@@ -62,19 +64,21 @@ def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_s
 
     def churn() -> None:
         client = None
-        pub = RawNatsPublisher(nats_server.url)
+        pub = None
         leases: List[Any] = []
         while not stop.is_set():
             try:
                 if client is None:
-                    client = etcd_client(fresh_etcd.url)
+                    client = etcd_client(etcd.url)
+                if pub is None:
+                    pub = RawNatsPublisher(nats.url)
                 r = rng.random()
                 if r < 0.45 or not leases:
                     lease = client.lease(2 if rng.random() < 0.3 else 60)   # some expire on their own
                     client.put(card_key(namespace, lease.id), card_json(100), lease=lease)
+                    leases.append(lease)
                     pub.publish(subject(namespace), active_load(lease.id, kv_used_blocks=99))
                     pub.flush()
-                    leases.append(lease)
                     ops["add"] += 1
                 elif r < 0.75:
                     lease = rng.choice(leases)
@@ -84,22 +88,32 @@ def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_s
                     lease = leases.pop(rng.randrange(len(leases)))
                     client.revoke_lease(lease.id)
                     ops["delete"] += 1
-            except Exception:  # noqa: BLE001 - etcd is down half the time: retry
+            except Exception:  # noqa: BLE001 - a server is down part of the time: retry
                 ops["failed"] += 1
-                if client is not None:
-                    client.close()
-                    client = None
+                for closable in (client, pub):
+                    try:
+                        if closable is not None:
+                            closable.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                client = pub = None
                 stop.wait(0.05)
-        pub.close()
-        if client is not None:
-            client.close()
+        for closable in (client, pub):
+            try:
+                if closable is not None:
+                    closable.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     t = threading.Thread(target=churn, name="test-churn")
     t.start()
     try:
-        for _ in range(20):
+        for i in range(restarts):
             stop.wait(0.3)
-            fresh_etcd.restart()      # kill -9, then start on the same ports and data
+            if restart_nats and i % 2:
+                nats.restart()
+            else:
+                etcd.restart()      # kill -9, then start on the same ports and data
     finally:
         stop.set()
         t.join(30)
@@ -107,7 +121,7 @@ def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_s
     # Converges: members and totals equal what etcd holds (expiries included).
     deadline = time.monotonic() + 30
     while True:
-        truth = etcd_cards(fresh_etcd.url, namespace)
+        truth = etcd_cards(etcd.url, namespace)
         if mon.wait_for(lambda: view(mon) == truth, 3):
             break
         assert time.monotonic() < deadline, (view(mon), truth)
@@ -116,7 +130,23 @@ def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_s
     assert all(n == 1 for n in removed.values()), [w for w, n in removed.items() if n != 1]
     gone_busy = {w for w in ever_busy if w not in truth}
     assert gone_busy <= set(removed), gone_busy - set(removed)
+    assert mon.health().alive
     mon.stop()
+
+
+def test_etcd_kill9_restart_20_times_during_churn(fresh_etcd: EtcdServer, nats_server: NatsServer,
+                                                  namespace: str) -> None:
+    _churn_under_restarts(fresh_etcd, nats_server, namespace, restarts=20)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_soak_etcd_and_nats_restarts(fresh_etcd: EtcdServer, fresh_nats: NatsServer, namespace: str) -> None:
+    """Opt in with ``pytest -m soak``; WORKERMON_SOAK_RESTARTS sets the length (default 300, ~2 min)."""
+    import os
+
+    _churn_under_restarts(fresh_etcd, fresh_nats, namespace,
+                          restarts=int(os.environ.get("WORKERMON_SOAK_RESTARTS", "300")), restart_nats=True)
 
 
 def test_compaction_while_cut_off_relists_and_reconciles(fresh_etcd: EtcdServer, nats_server: NatsServer,
