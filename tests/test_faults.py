@@ -43,6 +43,16 @@ def view(mon: WorkerMonitor) -> Dict[int, Any]:
 # --- etcd ---------------------------------------------------------------------------------------
 
 
+def _close_quietly(*closables: Any) -> None:
+    """Close clients whose server may be gone (closing a dead connection can raise)."""
+    for closable in closables:
+        if closable is not None:
+            try:
+                closable.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def _churn_under_restarts(etcd: EtcdServer, nats: NatsServer, namespace: str, restarts: int,
                           restart_nats: bool = False) -> None:
     """Card churn (adds, changes, deletes, lease expiries) with busy metrics while
@@ -90,20 +100,10 @@ def _churn_under_restarts(etcd: EtcdServer, nats: NatsServer, namespace: str, re
                     ops["delete"] += 1
             except Exception:  # noqa: BLE001 - a server is down part of the time: retry
                 ops["failed"] += 1
-                for closable in (client, pub):
-                    try:
-                        if closable is not None:
-                            closable.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+                _close_quietly(client, pub)
                 client = pub = None
                 stop.wait(0.05)
-        for closable in (client, pub):
-            try:
-                if closable is not None:
-                    closable.close()
-            except Exception:  # noqa: BLE001
-                pass
+        _close_quietly(client, pub)
 
     t = threading.Thread(target=churn, name="test-churn")
     t.start()

@@ -72,16 +72,6 @@ class _Rank:
         # most one entry per rank, however many reports arrive.
         self.queued = False
 
-    def merge(self, kv: Optional[int], prefill: Optional[int], revision: Optional[int], now: float) -> None:
-        if kv is not None:
-            self.kv = kv
-        if prefill is not None:
-            self.prefill = prefill
-        if revision is not None:
-            self.revision = revision
-        self.time = now
-        self.stale = False
-
 
 class _Worker:
     __slots__ = ("cards", "card", "ranks", "busy", "last_time")
@@ -275,16 +265,9 @@ class FleetState:
         if w is None:
             self._hold(wid, rank_id, kv, prefill, revision, now)
             return False
-        rank = w.ranks.get(rank_id)
+        rank = self._merge_into(w.ranks, rank_id, kv, prefill, revision, now)
         if rank is None:
-            if len(w.ranks) >= self.limits.max_ranks_per_worker:
-                self.counters.inc("dropped_rank_limit")
-                return False
-            rank = w.ranks[rank_id] = _Rank()
-        elif revision is not None and rank.revision is not None and revision < rank.revision:
-            self.counters.inc("stale_revision")
             return False
-        rank.merge(kv, prefill, revision, now)
         w.last_time = now
         if not rank.queued and self.thresholds.metrics_ttl is not None:
             self._schedule_ttl(wid, rank_id, rank)
@@ -418,16 +401,34 @@ class FleetState:
                 self._pending.popitem(last=False)  # oldest first
                 self.counters.inc("pending_dropped")
             held = self._pending[wid] = _Pending(now)
-        rank = held.ranks.get(rank_id)
+        self._merge_into(held.ranks, rank_id, kv, prefill, revision, now)
+
+    def _merge_into(self, ranks: Dict[int, _Rank], rank_id: int, kv: Optional[int], prefill: Optional[int],
+                    revision: Optional[int], now: float) -> Optional[_Rank]:
+        """Merge a report into a member's or a held worker's ranks; None when it was dropped.
+
+        The rank is created under the per-worker cap; a report whose revision
+        is older than the rank's last one is stale and ignored.
+        """
+        rank = ranks.get(rank_id)
         if rank is None:
-            if len(held.ranks) >= self.limits.max_ranks_per_worker:
+            if len(ranks) >= self.limits.max_ranks_per_worker:
                 self.counters.inc("dropped_rank_limit")
-                return
-            rank = held.ranks[rank_id] = _Rank()
+                return None
+            rank = ranks[rank_id] = _Rank()
         elif revision is not None and rank.revision is not None and revision < rank.revision:
             self.counters.inc("stale_revision")
-            return
-        rank.merge(kv, prefill, revision, now)
+            return None
+        # A null field means "not reported": the rank's previous value stays.
+        if kv is not None:
+            rank.kv = kv
+        if prefill is not None:
+            rank.prefill = prefill
+        if revision is not None:
+            rank.revision = revision
+        rank.time = now
+        rank.stale = False
+        return rank
 
     def _remove_card(self, key: str) -> None:
         wid = self._key_owner.pop(key, None)
