@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from workermon import BusyChange, WorkerMonitor
 from workermon._model import Card, CardPut
+from workermon._queue import Backlog, PayloadBatch
 from workermon._reduce import FleetState
 from workermon._servers import EtcdServer, NatsServer
 
@@ -214,7 +215,8 @@ def _loaded_monitor(workers: int) -> WorkerMonitor:
 def per_event_workermon(workers: int, events: int, batch: int = 256) -> float:
     mon = _loaded_monitor(workers)
     raws = [payload(BASE + (j % workers), value_for(j % workers, j // workers)) for j in range(events)]
-    batches = [raws[k:k + batch] for k in range(0, len(raws), batch)]
+    backlog = Backlog(1 << 62)
+    batches = [PayloadBatch(backlog, raws[k:k + batch], 0) for k in range(0, len(raws), batch)]
     t0 = time.perf_counter()
     for b in batches:
         with mon._lock:
@@ -291,7 +293,8 @@ def decoder_costs(n: int) -> Dict[str, float]:
 
 def read_cost(workers: int) -> Tuple[float, float]:
     mon = _loaded_monitor(workers)
-    mon._apply_loads([payload(BASE + i, 950 if i % 2 else 10) for i in range(workers)], 1.0)
+    mon._apply_loads(PayloadBatch(Backlog(1 << 62), [payload(BASE + i, 950 if i % 2 else 10)
+                                                     for i in range(workers)], 0), 1.0)
     mon._publish_locked()
     wid = BASE + 1
     n = 200_000

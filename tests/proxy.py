@@ -5,7 +5,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
-from typing import List, Tuple
+from typing import List, Optional, Set, Tuple
 
 
 class CuttableProxy:
@@ -24,12 +24,21 @@ class CuttableProxy:
         self._cut = threading.Event()
         self._stop = threading.Event()
         self._waker_r, self._waker_w = socket.socketpair()
+        # stall_after(): once a client sends this, nothing more reaches clients.
+        self._stall_marker: Optional[bytes] = None
+        self.stalled = threading.Event()
+        self._clients: Set[socket.socket] = set()
         self.thread = threading.Thread(target=self._run, name="test-proxy", daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def stall_after(self, marker: bytes) -> None:
+        """A hung server, at a chosen moment: once a client sends ``marker``,
+        the server's answers are swallowed (connections stay open)."""
+        self._stall_marker = marker
 
     def cut(self) -> None:
         self._cut.set()
@@ -91,6 +100,7 @@ class CuttableProxy:
                         self._pairs.append((client, upstream))
                     peers[client] = upstream
                     peers[upstream] = client
+                    self._clients.add(client)
                     sel.register(client, selectors.EVENT_READ, "data")
                     sel.register(upstream, selectors.EVENT_READ, "data")
                     continue
@@ -109,6 +119,11 @@ class CuttableProxy:
                                 pass
                             s.close()  # type: ignore[union-attr]
                             peers.pop(s, None)
+                    continue
+                marker = self._stall_marker
+                if src in self._clients and marker is not None and marker in data:
+                    self.stalled.set()
+                if self.stalled.is_set() and src not in self._clients:
                     continue
                 try:
                     dst.sendall(data)

@@ -152,10 +152,10 @@ def test_threshold_change_recomputes_at_once() -> None:
     s = FleetState()
     apply_all(s, [put(W1), put(W2), load(W1, 850), load(W2, 950)], 0.0)
     assert s.busy == {W2}
-    s.set_thresholds(Thresholds(busy_threshold=0.8))
+    s.set_thresholds(Thresholds(busy_threshold=0.8), 0.0)
     c = s.commit()
     assert c is not None and c.busy == {W1, W2} and c.became_busy == {W1}
-    s.set_thresholds(Thresholds(busy_threshold=0.99))
+    s.set_thresholds(Thresholds(busy_threshold=0.99), 0.0)
     c = s.commit()
     assert c is not None and c.busy == frozenset() and c.became_free == {W1, W2}
 
@@ -303,7 +303,7 @@ def test_ttl_refreshed_by_new_reports() -> None:
 def test_ttl_turned_on_at_run_time() -> None:
     s = FleetState()
     apply_all(s, [put(W1), load(W1, 950)], 0.0)
-    s.set_thresholds(Thresholds(metrics_ttl=1.0))
+    s.set_thresholds(Thresholds(metrics_ttl=1.0), 0.0)
     s.expire(100.0)
     c = s.commit()
     assert c is not None and c.became_free == {W1}

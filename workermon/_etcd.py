@@ -18,6 +18,7 @@ import attrs
 import grpc
 
 from ._health import Backoff, SourceStatus
+from ._queue import Backlog
 from ._model import CardDelete, CardListing, CardPut
 from ._parse import DEFAULT_MAX_CARD_BYTES, Malformed, parse_card
 
@@ -103,9 +104,20 @@ class _Compacted(Exception):
     pass
 
 
-def make_client(cfg: EtcdConfig, url: str) -> Any:
-    """An etcd-sdk-python client for one endpoint, with the measured options."""
+class _Backlogged(Exception):
+    """The reducer is too far behind: stop the watch, list afresh once it caught up."""
+
+
+def make_client(cfg: EtcdConfig, url: str, track: Optional[Callable[[Any], None]] = None) -> Any:
+    """An etcd-sdk-python client for one endpoint, with the measured options.
+
+    With a user and password it authenticates with a cancellable call:
+    ``track`` receives the pending call, so ``stop()`` can cancel it (the
+    library's own authentication in its constructor would block uncancellably).
+    """
     import pyetcd
+    from pyetcd import etcdrpc
+    from pyetcd.client import EtcdTokenCallCredentials
 
     host, port, tls = parse_etcd_endpoint(url)
     creds = None
@@ -129,14 +141,24 @@ def make_client(cfg: EtcdConfig, url: str) -> Any:
         time_retry=0,
         opts=list(_GRPC_OPTIONS),
     )
-    client = pyetcd.MultiEndpointEtcd3Client(
-        endpoints=[endpoint], timeout=cfg.timeout, user=cfg.user, password=cfg.password
-    )
-    if creds is None:
-        # gRPC refuses call credentials on a plaintext channel ("does not have
-        # a sufficient security level"); the auth token still travels in the
-        # request metadata, which is what etcd reads.
-        client.call_credentials = None
+    client = pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=cfg.timeout)
+    if cfg.user is not None:
+        try:
+            future = client.authstub.Authenticate.future(
+                etcdrpc.AuthenticateRequest(name=cfg.user, password=cfg.password), cfg.timeout
+            )
+            if track is not None:
+                track(future)
+            token = future.result().token
+        except BaseException:
+            client.close()
+            raise
+        # etcd reads the token from the request metadata.  gRPC refuses call
+        # credentials on a plaintext channel ("does not have a sufficient
+        # security level"), so they are added only with TLS.
+        client.metadata = (("token", token),)
+        if creds is not None:
+            client.call_credentials = grpc.metadata_call_credentials(EtcdTokenCallCredentials(token))
     return client
 
 
@@ -149,10 +171,15 @@ class EtcdSource(threading.Thread):
         emit: Callable[[object], None],
         stopping: threading.Event,
         status: SourceStatus,
+        backlog: Optional[Backlog] = None,
     ) -> None:
         super().__init__(name="workermon-etcd", daemon=True)
         self._cfg = cfg
-        self._emit = emit
+        self._put = emit
+        # Watch events waiting for the reducer are bounded: past the bound the
+        # watch is dropped and, once the reducer caught up, one fresh listing
+        # replaces everything that was missed (a listing reconciles).
+        self.backlog = backlog if backlog is not None else Backlog(1 << 62)
         self._stopping = stopping
         self.status = status
         self._prefix = cfg.prefix.encode("utf-8")
@@ -164,12 +191,17 @@ class EtcdSource(threading.Thread):
 
     # --- stopping ---------------------------------------------------------------
 
-    def wake(self) -> None:
+    def wake(self, deadline: Optional[float] = None) -> None:
         """Cancel whatever gRPC call the thread is blocked in (any thread)."""
         with self._call_lock:
             call = self._call
         if call is not None:
             call.cancel()
+        self.backlog.drained.set()
+
+    def _emit(self, item: object) -> None:
+        self.backlog.note_enqueued(1)
+        self._put(item)
 
     def _track(self, call: Any) -> None:
         with self._call_lock:
@@ -188,18 +220,27 @@ class EtcdSource(threading.Thread):
             try:
                 url = self._cfg.endpoints[self._endpoint_index]
                 self.status.endpoint = url
-                client = make_client(self._cfg, url)
+                client = make_client(self._cfg, url, self._track)
                 if revision is None:
                     if self.status.counters.get("listings"):
                         self.status.state = "resyncing"
                     revision = self._list(client)
                 for revision in self._watch(client, revision):
                     backoff.reset()
-                    self._last_error_logged = None
             except _Compacted:
                 self.status.inc("resyncs")
                 log.warning("etcd watch revision was compacted; listing %s again", self._cfg.prefix)
                 revision = None
+                continue
+            except _Backlogged:
+                self.status.inc("resyncs")
+                self.status.inc("backlog_resyncs")
+                log.warning("workermon is %d etcd events behind; listing %s again once it caught up",
+                            self.backlog.items, self._cfg.prefix)
+                revision = None
+                self._track(None)
+                if not self.backlog.wait_drained(self._stopping):
+                    break
                 continue
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 if self._stopping.is_set():
@@ -215,6 +256,11 @@ class EtcdSource(threading.Thread):
                     except Exception:  # noqa: BLE001
                         log.debug("closing etcd client failed", exc_info=True)
         self.status.state = "stopped"
+
+    def _recovered(self) -> None:
+        self.status.state = "connected"
+        self.status.last_error = None
+        self._last_error_logged = None
 
     def _note_failure(self, exc: BaseException) -> None:
         self.status.inc("errors")
@@ -243,7 +289,29 @@ class EtcdSource(threading.Thread):
         """Read every card under the prefix at one revision and emit a listing."""
         from pyetcd import etcdrpc
 
+        while True:
+            try:
+                puts, malformed, revision = self._list_pages(client)
+                break
+            except grpc.RpcError as exc:
+                # The listing's revision was compacted between two pages: not
+                # an error, just list again at the newest revision.
+                if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+                self.status.inc("resyncs")
+                log.info("etcd compacted %s while it was being listed; listing again", self._cfg.prefix)
+        self._track(None)
+        self._emit(CardListing(cards=tuple(puts), revision=revision, malformed_keys=tuple(malformed)))
+        self.status.inc("listings")
+        self.status.event()
+        self._recovered()
+        return revision
+
+    def _list_pages(self, client: Any) -> Tuple[List[CardPut], List[str], int]:
+        from pyetcd import etcdrpc
+
         puts: List[CardPut] = []
+        malformed: List[str] = []
         key = self._prefix
         revision = 0
         while True:
@@ -259,15 +327,19 @@ class EtcdSource(threading.Thread):
                 put = self._parse(kv.key, kv.value, kv.lease)
                 if put is not None:
                     puts.append(put)
+                else:
+                    try:
+                        malformed.append(kv.key.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        pass  # no card can be stored under such a key either
             if not resp.more or not resp.kvs:
                 break
             key = resp.kvs[-1].key + b"\0"
-        self._track(None)
-        self._emit(CardListing(cards=tuple(puts), revision=revision))
-        self.status.inc("listings")
-        self.status.event()
-        self.status.state = "connected"
-        return revision
+            self._between_pages()
+        return puts, malformed, revision
+
+    def _between_pages(self) -> None:
+        """A seam for tests (compaction between two pages); nothing to do here."""
 
     def _watch(self, client: Any, revision: int) -> Iterator[int]:
         """Watch from ``revision + 1``; yields the last revision seen as it moves."""
@@ -295,11 +367,13 @@ class EtcdSource(threading.Thread):
                 if resp.canceled:
                     raise ConnectionError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
                 if resp.created:
-                    self.status.state = "connected"
+                    self._recovered()
                     yield revision  # a live watch: the back-off starts afresh
                     continue
                 if resp.events:
                     for ev in resp.events:
+                        if self.backlog.full():
+                            raise _Backlogged()
                         self._handle_event(ev)
                         revision = max(revision, ev.kv.mod_revision)
                 else:
@@ -310,6 +384,7 @@ class EtcdSource(threading.Thread):
             raise ConnectionError("etcd watch stream ended")
         finally:
             finished.set()
+            call.cancel()  # ends the stream on every way out (a no-op once it has ended)
 
     def _handle_event(self, ev: Any) -> None:
         self.status.inc("events")

@@ -130,6 +130,9 @@ class CardListing:
 
     cards: Tuple[CardPut, ...]
     revision: int
+    # Keys present at ``revision`` whose value could not be parsed: they keep
+    # the card the reducer had for them (none is created).
+    malformed_keys: Tuple[str, ...] = ()
 
 
 @attrs.frozen

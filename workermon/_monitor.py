@@ -9,6 +9,7 @@ callbacks outside the lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -32,9 +33,10 @@ import attrs
 
 from ._etcd import EtcdConfig, EtcdSource, endpoints_from
 from ._health import Health, SourceHealth, SourceStatus
-from ._model import BusyChange, CardListing, OutagePolicy, StalePolicy, Thresholds, WorkerLoadState
+from ._model import BusyChange, CardDelete, CardListing, CardPut, OutagePolicy, StalePolicy, Thresholds, WorkerLoadState
 from ._nats import NatsConfig, NatsSource
 from ._parse import DEFAULT_MAX_CARD_BYTES, DEFAULT_MAX_LOAD_BYTES, Malformed, parse_load_fields
+from ._queue import Backlog, PayloadBatch
 from ._reduce import FleetState, Limits
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ FROM_ENV: Any = _FromEnv()
 _UNCHANGED: Any = object()
 _STOP = object()
 _WAKE = object()
+_ETCD_ITEMS = (CardPut, CardDelete, CardListing)
 _MAX_BATCH = 512  # queue items per reducer pass (each NATS item is itself a batch)
 
 _live_monitors: "weakref.WeakSet[WorkerMonitor]" = weakref.WeakSet()
@@ -160,6 +163,7 @@ class WorkerMonitor:
         pending_max_age: float = 30.0,
         max_ranks_per_worker: int = 1024,
         max_queued_messages: int = 200_000,
+        max_queued_bytes: int = 64 * 1024 * 1024,
         nats_pending_msgs_limit: int = 512 * 1024,
         etcd_ca_cert: Optional[str] = None,
         etcd_cert_key: Optional[str] = None,
@@ -186,7 +190,7 @@ class WorkerMonitor:
             if component is None:
                 raise ValueError("endpoint narrows a component: give component too")
         for name, value in (("max_load_bytes", max_load_bytes), ("max_card_bytes", max_card_bytes),
-                            ("max_queued_messages", max_queued_messages)):
+                            ("max_queued_messages", max_queued_messages), ("max_queued_bytes", max_queued_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.namespace = namespace
@@ -206,6 +210,7 @@ class WorkerMonitor:
         )
         self._max_load_bytes = max_load_bytes
         self._max_queued = max_queued_messages
+        self._max_queued_bytes = max_queued_bytes
 
         if etcd_endpoints is FROM_ENV:
             etcd_endpoints = endpoints_from(None, os.environ.get("ETCD_ENDPOINTS")) or (DEFAULT_ETCD_ENDPOINT,)
@@ -277,8 +282,11 @@ class WorkerMonitor:
         self._nats: Optional[NatsSource] = None
         self._etcd_status = SourceStatus("etcd", _clock)
         self._nats_status = SourceStatus("nats", _clock)
-        self._applied = 0  # NATS messages taken off the queue; reducer thread only
         self._callback_errors = 0
+        self._wake_pending = False
+        # Static mode delivers on the registering thread: one at a time.
+        self._deliver_lock = threading.Lock()
+        self._delivering: Optional[int] = None
         self._warned_reasons: set[str] = set()
         self._owner_pid = os.getpid()
         self._forked_from: Optional[int] = None
@@ -306,11 +314,19 @@ class WorkerMonitor:
             self._owner_pid = os.getpid()
             _live_monitors.add(self)
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
-            self._etcd = EtcdSource(self._etcd_cfg, self._queue.put, self._stopping, self._etcd_status)
+            self._etcd = EtcdSource(
+                self._etcd_cfg, self._queue.put, self._stopping, self._etcd_status, Backlog(self._max_queued)
+            )
             self._threads = [reducer, self._etcd]
             if self._nats_cfg is not None:
                 self._nats = NatsSource(
-                    self._nats_cfg, self._queue.put, self._room, self._stopping, self._nats_ready, self._nats_status
+                    self._nats_cfg,
+                    self._queue.put,
+                    Backlog(self._max_queued, self._max_queued_bytes),
+                    self._stopping,
+                    lambda: self._set_ready(self._nats_ready),
+                    self._nats_status,
+                    self._max_load_bytes,
                 )
                 self._threads.append(self._nats)
             for thread in self._threads:
@@ -331,12 +347,14 @@ class WorkerMonitor:
             # A forked child's copy: its threads, gRPC calls and event loop
             # belong to the parent; touching them here could hang the child.
             return True
+        # Every wait_for()/wait_ready() returns now (see their docstrings).
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+        deadline = time.monotonic() + max(0.0, timeout)
         # One sentinel, put last: the reducer applies what came before it.
         self._queue.put(_STOP)
-        for source in (self._etcd, self._nats):
-            if source is not None:
-                source.wake()
-        deadline = time.monotonic() + max(0.0, timeout)
+        for source in self._sources():
+            source.wake(deadline)
         me = threading.current_thread()
         for thread in threads:
             if thread is me:
@@ -357,30 +375,56 @@ class WorkerMonitor:
         """True once the initial etcd listing is applied and NATS is subscribed.
 
         Returns False when ``timeout`` passes first (for example while a
-        server is unreachable).  In static mode True at once.  Any thread.
+        server is unreachable), and at once once :meth:`stop` has been called
+        (a stopped monitor is not ready; a waiter blocked here when ``stop()``
+        runs wakes up with False).  In static mode True at once.  Any thread.
         """
         if self.static:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        for event in (self._etcd_ready, self._nats_ready):
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not event.wait(remaining):
-                return False
-        return True
+        with self._applied_cond:
+            while not self.ready:
+                if self._stopping.is_set():
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._applied_cond.wait(remaining)
+            return True
 
     def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = 5.0) -> bool:
         """Wait until ``predicate()`` is true, re-checking after every applied batch.
 
         Returns the predicate's last value (False when ``timeout`` passed).
+        Once :meth:`stop` has been called it returns the predicate's value at
+        once, without waiting (nothing will change any more); a waiter
+        blocked here when ``stop()`` runs wakes up and does the same.
         For scripts and tests, e.g. ``mon.wait_for(lambda: len(mon.members()) == 3)``.
         Not from a callback: the reducer thread would wait on itself.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._applied_cond:
-            return self._applied_cond.wait_for(predicate, timeout)
+            while True:
+                value = predicate()
+                if value or self._stopping.is_set():
+                    return value
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return value
+                self._applied_cond.wait(remaining)
 
     @property
     def ready(self) -> bool:
-        return self.static or (self._etcd_ready.is_set() and self._nats_ready.is_set())
+        """Whether the initial listing is applied and the metrics feed is subscribed (False after stop)."""
+        if self.static:
+            return True
+        return not self._stopping.is_set() and self._etcd_ready.is_set() and self._nats_ready.is_set()
+
+    def _set_ready(self, event: threading.Event) -> None:
+        # Readiness is waited on under the condition; set it there too.
+        with self._applied_cond:
+            event.set()
+            self._applied_cond.notify_all()
 
     # --- reads (lock-free) ----------------------------------------------------
 
@@ -436,15 +480,29 @@ class WorkerMonitor:
         return self._state.thresholds
 
     def health(self) -> Health:
-        """Each source's state, last event and counters, and the reducer's counters."""
-        with self._lock:
+        """Each source's state, last event and counters, and the reducer's counters.
+
+        Any thread.  In a forked child it answers without the lock (which a
+        parent thread may have held at fork time) and says ``alive=False``.
+        """
+        with self._lock if self._forked_from is None else contextlib.nullcontext():
             reducer = dict(self._state.counters)
             reducer["pending_workers"] = self._state.pending_workers
             members = len(self._state.workers)
         reducer["callback_errors"] = self._callback_errors
         reducer["queued_items"] = self._queue.qsize()
+        for source in self._payload_sources():
+            # Oversized payloads are dropped on the source thread, before they
+            # are queued; they still count as malformed load reports.
+            oversized = source.status.counters.get("malformed_oversized", 0)
+            if oversized:
+                reducer["malformed_load"] = reducer.get("malformed_load", 0) + oversized
+                reducer["malformed_load_oversized"] = reducer.get("malformed_load_oversized", 0) + oversized
         if self._nats is not None:
-            reducer["queued_messages"] = max(0, self._nats.enqueued - self._applied)
+            reducer["queued_messages"] = self._nats.backlog.items
+            reducer["queued_bytes"] = self._nats.backlog.nbytes
+        if self._etcd is not None:
+            reducer["queued_card_events"] = self._etcd.backlog.items
         alive = self._started and not self._stopped and all(t.is_alive() for t in self._threads)
         if self._forked_from is not None:
             alive = False
@@ -495,10 +553,10 @@ class WorkerMonitor:
             )
             if value is not _UNCHANGED
         }
+        self._check_fork()
         with self._lock:
             new = attrs.evolve(self._state.thresholds, **changes)
-            self._state.set_thresholds(new)
-            self._state.expire(self._clock())
+            self._state.set_thresholds(new, self._clock())
             self._publish_locked()
         self._wake_reducer()
         return new
@@ -514,6 +572,7 @@ class WorkerMonitor:
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
+        self._check_fork()
         handle = CallbackHandle(callback, self)
         with self._lock:
             self._callbacks = self._callbacks + (handle,)
@@ -536,13 +595,23 @@ class WorkerMonitor:
 
     # --- the reducer thread ---------------------------------------------------
 
-    def _room(self) -> int:
-        nats = self._nats
-        queued = (nats.enqueued if nats is not None else 0) - self._applied
-        return self._max_queued - queued
+    def _sources(self) -> List[Any]:
+        return [s for s in (self._etcd, self._nats) if s is not None]
+
+    def _payload_sources(self) -> List[Any]:
+        return [s for s in (self._nats,) if s is not None]
 
     def _wake_reducer(self) -> None:
-        if self._started and not self.static and threading.current_thread() is not self._threads[0]:
+        # At most one wake-up waits in the queue, however many threads call
+        # set_thresholds()/on_busy_change(); none once stopped.
+        if (
+            self._started
+            and not self.static
+            and not self._stopping.is_set()
+            and not self._wake_pending
+            and threading.current_thread() is not self._threads[0]
+        ):
+            self._wake_pending = True
             self._queue.put(_WAKE)
 
     def _run_reducer(self) -> None:
@@ -583,12 +652,17 @@ class WorkerMonitor:
                     stop = True
                     break
                 if item is _WAKE:
+                    self._wake_pending = False
                     continue
                 try:
-                    if type(item) is list:
+                    if type(item) is PayloadBatch:
                         self._apply_loads(item, now)
                     else:
-                        state.apply(item, now)
+                        try:
+                            state.apply(item, now)
+                        finally:
+                            if isinstance(item, _ETCD_ITEMS) and self._etcd is not None:
+                                self._etcd.backlog.note_applied(1)
                         if isinstance(item, CardListing):
                             listed = True
                 except Exception:  # noqa: BLE001 - one bad update must not cost the others
@@ -600,16 +674,19 @@ class WorkerMonitor:
                 state.counters.inc("reducer_errors")
                 log.exception("workermon reducer failed while expiring state; continuing")
             self._publish_locked()
-        if listed and not self._etcd_ready.is_set():
-            self._etcd_ready.set()
         with self._applied_cond:
+            if listed:
+                self._etcd_ready.set()
             self._applied_cond.notify_all()
-        if stop or self._stopping.is_set():
+        if stop:
             return True
-        self._deliver()
+        # Once stop() is called no callback runs, but everything queued
+        # before the sentinel is still applied (bounded by the backlogs).
+        if not self._stopping.is_set():
+            self._deliver()
         return False
 
-    def _apply_loads(self, batch: List[bytes], now: float) -> None:
+    def _apply_loads(self, batch: PayloadBatch, now: float) -> None:
         state = self._state
         apply = state.apply_load_fields
         limit = self._max_load_bytes
@@ -628,7 +705,7 @@ class WorkerMonitor:
                 applied += apply(wid, rank, kv, prefill, revision, now)
         finally:
             state.counters.inc("load_reports", applied)
-            self._applied += len(batch)
+            batch.backlog.note_applied(len(batch), batch.nbytes)
 
     def _publish_locked(self) -> None:
         """Swap in a new snapshot and queue the change for the callbacks."""
@@ -646,8 +723,23 @@ class WorkerMonitor:
             self._outbox.append((change, self._callbacks))
 
     def _deliver(self) -> None:
-        # Only the reducer thread (or start() in static mode) gets here, so
-        # changes reach callbacks in version order.
+        # The reducer thread delivers in version order.  In static mode the
+        # registering thread delivers: one thread at a time, and a callback
+        # that registers another leaves it to the loop already running.
+        if not self.static:
+            self._drain_outbox()
+            return
+        me = threading.get_ident()
+        if self._delivering == me:
+            return
+        with self._deliver_lock:
+            self._delivering = me
+            try:
+                self._drain_outbox()
+            finally:
+                self._delivering = None
+
+    def _drain_outbox(self) -> None:
         outbox = self._outbox
         while outbox:
             try:

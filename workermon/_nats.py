@@ -14,6 +14,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -21,6 +22,8 @@ import attrs
 
 from ._health import Backoff, SourceStatus
 from ._model import FeedStatus
+from ._parse import DEFAULT_MAX_LOAD_BYTES
+from ._queue import Backlog, PayloadBatch
 
 log = logging.getLogger(__name__)
 
@@ -89,44 +92,53 @@ class NatsConfig:
 
 
 class NatsSource(threading.Thread):
-    """``workermon-nats``: hands raw payload batches (lists) and FeedStatus items to ``emit``.
+    """``workermon-nats``: hands raw payload batches and FeedStatus items to ``emit``.
 
-    ``room`` returns how many more messages may be queued before the reducer
-    catches up; beyond it messages are dropped and counted, so a slow reducer
-    can never grow memory without bound.
+    Payloads over ``max_load_bytes`` are dropped here, before they are queued;
+    the rest go through ``backlog``, which bounds what waits for the reducer in
+    messages and bytes (beyond, messages are dropped and counted), so a slow
+    reducer can never grow memory without bound.
     """
 
     def __init__(
         self,
         cfg: NatsConfig,
         emit: Callable[[object], None],
-        room: Callable[[], int],
+        backlog: Backlog,
         stopping: threading.Event,
-        ready: threading.Event,
+        on_ready: Callable[[], None],
         status: SourceStatus,
+        max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES,
     ) -> None:
         super().__init__(name="workermon-nats", daemon=True)
         self._cfg = cfg
         self._emit = emit
-        self._room = room
+        self.backlog = backlog
         self._stopping = stopping
-        self._ready = ready
+        self._on_ready = on_ready
         self.status = status
+        self._max_load_bytes = max_load_bytes
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop_future: Optional[asyncio.Future[None]] = None
+        self._stop_deadline: Optional[float] = None
         self._batch: List[bytes] = []
+        self._batch_bytes = 0
         self._flush_scheduled = False
         self._reconnect_backoff = Backoff(stopping, cfg.backoff_initial, cfg.backoff_cap)
         self._rr = 0
         self._last_error_logged: Optional[str] = None
         self._live = False  # a connection is established and subscribed
         self._nc: Any = None
-        self.enqueued = 0  # written by this thread only
 
     # --- stopping ---------------------------------------------------------------
 
-    def wake(self) -> None:
-        """Wake the loop so it notices ``stopping`` (any thread)."""
+    def wake(self, deadline: Optional[float] = None) -> None:
+        """Wake the loop so it notices ``stopping`` (any thread).
+
+        ``deadline`` (``time.monotonic()``) bounds the closing handshake, so
+        the thread ends within ``stop(timeout)`` even when the server hangs.
+        """
+        self._stop_deadline = deadline
         loop = self._loop
         if loop is None:
             return
@@ -171,6 +183,7 @@ class NatsSource(threading.Thread):
         close_loop(loop)
 
     async def _main(self) -> None:
+        import nats.errors
         from nats.aio.client import Client
 
         loop = asyncio.get_running_loop()
@@ -183,59 +196,85 @@ class NatsSource(threading.Thread):
         nc: Any = None
         while nc is None:
             client = Client()
-            # With max_reconnect_attempts=-1, nats-py retries the first connect
-            # forever inside connect(); race it against stop so stop is immediate.
-            connecting = asyncio.ensure_future(client.connect(**self._connect_options()))
+            # The first connect makes one round over the servers (nats-py's
+            # max_reconnect_attempts=1 stops its own fixed-interval retry
+            # loop); between rounds we wait our capped, jittered back-off.
+            # Once connected, reconnects go on forever (see _connect_options).
+            connecting = asyncio.ensure_future(client.connect(**self._connect_options(first=True)))
             await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)
             if stop.done():
                 connecting.cancel()
                 await asyncio.gather(connecting, return_exceptions=True)
-                await _close_quietly(client)
+                await self._close(client)
                 return
             exc = connecting.exception()
-            if exc is None:
+            if exc is None and client.is_connected:
+                client.options["max_reconnect_attempts"] = -1
                 nc = self._nc = client
                 self._live = True
                 break
-            self._note_error(exc)
+            if not isinstance(exc, nats.errors.NoServersError):
+                # (Each server's own error already reached _on_error.)
+                self._note_error(exc or ConnectionError("NATS connect did not complete"))
             self.status.inc("connect_failures")
-            await _close_quietly(client)
+            await self._close(client)
             try:
                 await asyncio.wait_for(asyncio.shield(stop), backoff.next_delay())
                 return
             except asyncio.TimeoutError:
                 continue
         try:
-            for subject in cfg.subjects:
-                await nc.subscribe(
-                    subject,
-                    cb=self._on_msg,
-                    pending_msgs_limit=cfg.pending_msgs_limit,
-                    pending_bytes_limit=cfg.pending_bytes_limit,
-                )
-            await nc.flush(timeout=cfg.connect_timeout)
+            # Subscribing waits on the server (flush): race it against stop.
+            subscribing = asyncio.ensure_future(self._subscribe(nc))
+            await asyncio.wait({subscribing, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                subscribing.cancel()
+                await asyncio.gather(subscribing, return_exceptions=True)
+                return
+            subscribing.result()
             self.status.state = "connected"
             self.status.endpoint = _url_of(nc)
+            self.status.last_error = None
             self._last_error_logged = None
             self._feed(True)
-            self._ready.set()
+            self._on_ready()
             log.info("NATS subscribed to %s", ", ".join(cfg.subjects))
             await stop
         finally:
             self._live = False
-            await _close_quietly(nc)
+            await self._close(nc)
 
-    def _connect_options(self) -> Dict[str, Any]:
+    async def _subscribe(self, nc: Any) -> None:
+        cfg = self._cfg
+        for subject in cfg.subjects:
+            await nc.subscribe(
+                subject,
+                cb=self._on_msg,
+                pending_msgs_limit=cfg.pending_msgs_limit,
+                pending_bytes_limit=cfg.pending_bytes_limit,
+            )
+        await nc.flush(timeout=cfg.connect_timeout)
+
+    async def _close(self, nc: Any) -> None:
+        # Bounded by stop()'s deadline when stopping, else by 2 s.
+        timeout = 2.0
+        deadline = self._stop_deadline
+        if deadline is not None and self._stopping.is_set():
+            timeout = max(0.0, min(timeout, deadline - time.monotonic() - 0.05))
+        await _close_quietly(nc, timeout)
+
+    def _connect_options(self, first: bool = False) -> Dict[str, Any]:
         cfg = self._cfg
         opts: Dict[str, Any] = dict(
             servers=list(cfg.servers),
             name="workermon",
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            # -1 (forever) once connected; see _main for the first connect.
+            max_reconnect_attempts=1 if first else -1,
             connect_timeout=cfg.connect_timeout,
-            # Used by nats-py between first-connect attempts; reconnects after
-            # that go through _pick_server's jittered back-off.
-            reconnect_time_wait=max(cfg.backoff_initial, 0.25),
+            # Reconnects go through _pick_server's jittered back-off; this
+            # only spaces nats-py's second try of a server inside one round.
+            reconnect_time_wait=cfg.backoff_initial,
             ping_interval=cfg.ping_interval,
             max_outstanding_pings=cfg.max_outstanding_pings,
             error_cb=self._on_error,
@@ -266,7 +305,14 @@ class NatsSource(threading.Thread):
     # --- callbacks (on the loop; must never block) ------------------------------
 
     async def _on_msg(self, msg: Any) -> None:
-        self._batch.append(msg.data)
+        data = msg.data
+        size = len(data)
+        if size > self._max_load_bytes:
+            # Dropped before queueing: an oversized payload never waits in memory.
+            self.status.inc("malformed_oversized")
+            return
+        self._batch.append(data)
+        self._batch_bytes += size
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -276,18 +322,17 @@ class NatsSource(threading.Thread):
         batch = self._batch
         if not batch:
             return
+        nbytes = self._batch_bytes
         self._batch = []
-        room = self._room()
-        if len(batch) > room:
-            dropped = len(batch) - max(room, 0)
+        self._batch_bytes = 0
+        kept, kept_bytes, dropped = self.backlog.admit(batch, nbytes)
+        if dropped:
             self.status.inc("dropped_backlog", dropped)
-            batch = batch[: max(room, 0)]
-            if not batch:
-                return
-        self.enqueued += len(batch)
-        self.status.inc("messages", len(batch))
+        if not kept:
+            return
+        self.status.inc("messages", len(kept))
         self.status.event()
-        self._emit(batch)
+        self._emit(PayloadBatch(self.backlog, kept, kept_bytes))
 
     async def _on_error(self, exc: Exception) -> None:
         import nats.errors
@@ -298,7 +343,9 @@ class NatsSource(threading.Thread):
         self._note_error(exc)
 
     async def _on_disconnected(self) -> None:
-        if not self._stopping.is_set():
+        # Closing a client whose first connect failed calls this too: only a
+        # live connection can be disconnected.
+        if self._live and not self._stopping.is_set():
             self.status.state = "reconnecting"
             self.status.inc("disconnects")
             self._feed(False)
@@ -355,8 +402,8 @@ def _url_of(nc: Any) -> Optional[str]:
     return f"{url.scheme}://{url.hostname}:{url.port}"
 
 
-async def _close_quietly(nc: Any) -> None:
+async def _close_quietly(nc: Any, timeout: float = 2.0) -> None:
     try:
-        await asyncio.wait_for(nc.close(), timeout=2.0)
+        await asyncio.wait_for(nc.close(), timeout=timeout)
     except Exception:  # noqa: BLE001
         log.debug("closing the NATS connection failed", exc_info=True)

@@ -236,6 +236,12 @@ class FleetState:
         """Reconcile with a complete listing: drop keys it does not hold."""
         self.counters.inc("listings")
         listed = {put.key for put in listing.cards}
+        # A key whose current value is malformed keeps its previous valid
+        # card, as on the watch (SPEC §1.1).
+        listed.update(listing.malformed_keys)
+        kept = sum(1 for k in listing.malformed_keys if k in self._key_owner)
+        if kept:
+            self.counters.inc("listing_kept_malformed", kept)
         for key in [k for k in self._key_owner if k not in listed]:
             self._remove_card(key)
         for put in listing.cards:
@@ -286,21 +292,39 @@ class FleetState:
             self.feed_down_since = status.at
             self.expire(now)
 
-    def set_thresholds(self, thresholds: Thresholds) -> None:
-        """Change the rule and re-evaluate every worker at once."""
-        ttl_was = self.thresholds.metrics_ttl
+    def set_thresholds(self, thresholds: Thresholds, now: float) -> None:
+        """Change the rule and re-evaluate every worker at once.
+
+        State that depends on a setting is re-derived only when that setting
+        changed: the hysteresis memory when ``busy_threshold`` or
+        ``recover_threshold`` changed, each rank's staleness when
+        ``metrics_ttl`` or ``stale_policy`` changed.
+        """
+        old = self.thresholds
         self.thresholds = thresholds
-        if thresholds.metrics_ttl is not None and thresholds.metrics_ttl != ttl_was:
-            self._ttl_heap = []
-            for wid, w in self.workers.items():
-                for rank_id, r in w.ranks.items():
-                    r.queued = False
-                    self._schedule_ttl(wid, rank_id, r)
-        for w in self.workers.values():
-            for r in w.ranks.values():
-                # Hysteresis memory is about the old thresholds; start afresh.
-                r.kv_over = False
+        if (old.busy_threshold, old.recover_threshold) != (thresholds.busy_threshold, thresholds.recover_threshold):
+            for w in self.workers.values():
+                for r in w.ranks.values():
+                    # The memory says "over the old threshold": meaningless now.
+                    r.kv_over = False
+        if (old.metrics_ttl, old.stale_policy) != (thresholds.metrics_ttl, thresholds.stale_policy):
+            self._restale(now)
         self._evaluate_all()
+
+    def _restale(self, now: float) -> None:
+        """Re-derive every rank's staleness (and the TTL heap) under the current rule.
+
+        Every rank starts fresh and is scheduled again; :meth:`expire` then
+        applies the policy to those already past the TTL.  Without a TTL the
+        last report stands.
+        """
+        self._ttl_heap = []
+        for wid, w in self.workers.items():
+            for rank_id, r in w.ranks.items():
+                r.queued = False
+                r.stale = False
+                self._schedule_ttl(wid, rank_id, r)
+        self.expire(now)
 
     def _evaluate_all(self) -> None:
         for wid, w in self.workers.items():
