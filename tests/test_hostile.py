@@ -118,40 +118,52 @@ updates = st.one_of(
     st.builds(CardDelete, keys),
     st.builds(LoadReport, st.one_of(wids, st.integers(10, 10**6)), st.integers(0, 3),
               st.one_of(st.none(), st.integers(0, 3000)), st.one_of(st.none(), st.integers(0, 20_000)),
-              st.one_of(st.none(), st.integers(0, 5))),
-    st.builds(CardListing, st.lists(st.builds(CardPut, keys, wids, cards), max_size=4).map(tuple), st.just(1)),
+              st.one_of(st.none(), st.integers(0, 5)), st.one_of(st.none(), st.integers(0, 3000))),
+    st.builds(CardListing, st.lists(st.builds(CardPut, keys, wids, cards), max_size=4).map(tuple), st.just(1),
+              st.lists(keys, max_size=2).map(tuple)),
     st.builds(FeedStatus, st.booleans(), st.floats(0, 100)),
 )
 
 
 def _brute_force_busy(s: FleetState) -> set:
-    """The rule recomputed from scratch (KV and prefill-count rules; no hysteresis or TTL)."""
+    """The rule recomputed from scratch (KV and prefill-count rules; no hysteresis or TTL).
+
+    A worker is busy when every rank its card declares is busy; a declared
+    rank with no report, or no data for any configured rule, counts as free.
+    """
     th = s.thresholds
     out = set()
     if s.outage_active and th.outage_policy != "keep":
         return set(s.workers) if th.outage_policy == "busy" else set()
     for wid, w in s.workers.items():
+        start, size = w.card.data_parallel_start_rank, w.card.data_parallel_size
         verdicts = []
-        for r in w.ranks.values():
+        for rank_id in range(start, start + size):
+            r = w.ranks.get(rank_id)
+            if r is None:
+                verdicts.append(False)
+                continue
             if r.stale:               # stale_policy="busy": fails closed
                 verdicts.append(True)
                 continue
             has, over = False, False
-            if r.kv is not None:
-                has = True
-                over = bool(w.card.total_kv_blocks) and r.kv > th.busy_threshold * w.card.total_kv_blocks
+            total = w.card.total_kv_blocks
+            for signal in (r.kv, r.decode):
+                if signal is not None and th.busy_threshold is not None:
+                    has = True
+                    over = over or (bool(total) and signal > th.busy_threshold * total)
             if r.prefill is not None and th.prefill_tokens_threshold is not None:
                 has = True
                 over = over or r.prefill > th.prefill_tokens_threshold
-            if has:
-                verdicts.append(over)
-        if verdicts and all(verdicts):
+            verdicts.append(has and over)
+        assert set(w.ranks) <= set(range(start, start + size)), "a rank outside the declared range kept data"
+        if all(verdicts):
             out.add(wid)
     return out
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(updates, max_size=8), max_size=8), st.floats(0.0, 1.0),
+@given(st.lists(st.lists(updates, max_size=8), max_size=8), st.one_of(st.none(), st.floats(0.0, 1.0)),
        st.one_of(st.none(), st.integers(0, 5000)), st.sampled_from(["keep", "ignore", "busy"]),
        st.one_of(st.none(), st.sampled_from([0.5, 1.5])), st.sampled_from(["ignore", "busy"]))
 def test_reducer_invariants(batches: List[List[Any]], threshold: float, prefill: Any, policy: str,

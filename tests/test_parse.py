@@ -24,11 +24,9 @@ def test_samples_are_present() -> None:
 
 
 def _expected_kv(payload: Dict[str, Any]) -> Optional[int]:
-    """What the KV rule should use, read with the json module, not the parser."""
+    """The worker's own count, read with the json module, not the parser."""
     if payload.get("kv_used_blocks") is not None:
         return int(payload["kv_used_blocks"])
-    if payload.get("active_decode_blocks") is not None:
-        return int(payload["active_decode_blocks"])
     data = payload.get("data")
     if data is not None:
         return int(data["kv_stats"]["kv_active_blocks"])
@@ -46,12 +44,15 @@ def test_real_cards_parse(version: str) -> None:
         # The key ends in the lease in hex: the fallback agrees with the lease.
         assert worker_id_from_key(entry["key"], 0) == entry["lease_dec"]
         doc = json.loads(entry["value"])
-        rc = doc.get("card_json", doc)["runtime_config"]
+        body = doc.get("card_json", doc)
+        rc = body["runtime_config"]
         assert put.card == Card(
             total_kv_blocks=rc["total_kv_blocks"],
             data_parallel_size=rc.get("data_parallel_size", 1),
             data_parallel_start_rank=rc.get("data_parallel_start_rank", 0),
             max_num_batched_tokens=rc["max_num_batched_tokens"],
+            display_name=body["display_name"],
+            worker_type=body.get("worker_type"),
         )
         assert put.card.total_kv_blocks == 1024
 
@@ -74,6 +75,7 @@ def test_real_json_load_reports_parse(version: str) -> None:
         report = parse_load(sample_bytes(m))
         assert report.worker_id == payload["worker_id"]
         assert report.kv_active_blocks == _expected_kv(payload)
+        assert report.active_decode_blocks == payload.get("active_decode_blocks")
         assert report.dp_rank == 0
 
 
@@ -87,6 +89,7 @@ def test_real_msgpack_envelopes_parse(version: str) -> None:
         report = parse_load(sample_bytes(m))
         assert report.worker_id == payload["worker_id"]
         assert report.kv_active_blocks == _expected_kv(payload)
+        assert report.active_decode_blocks == payload.get("active_decode_blocks")
         assert report.active_prefill_tokens == payload["active_prefill_tokens"]
         assert report.dp_rank == payload["dp_rank"]
 
@@ -94,7 +97,7 @@ def test_real_msgpack_envelopes_parse(version: str) -> None:
 def test_known_sample_values() -> None:
     # Literal values read off the capture files by hand.
     first_081 = [m for m in read_samples("nats", "0.8.1") if m["subject"] == "namespace.dynamo.kv_metrics"][0]
-    assert parse_load(sample_bytes(first_081)) == LoadReport(7668682509542194228, 0, 1, None, None)
+    assert parse_load(sample_bytes(first_081)) == LoadReport(7668682509542194228, 0, None, None, None, 1)
     second_161 = [m for m in read_samples("nats", "1.6.1") if m["subject"].endswith(".kv_metrics")][1]
     assert parse_load(sample_bytes(second_161)) == LoadReport(7668682509961986573, 0, 339, None, None)
 
@@ -117,8 +120,8 @@ def test_other_subjects_in_samples_are_rejected_not_misread() -> None:
 @pytest.mark.parametrize(
     "payload, expected",
     [
-        ({"worker_id": 5, "dp_rank": 2, "active_decode_blocks": 7}, LoadReport(5, 2, 7)),
-        ({"worker_id": 5, "active_decode_blocks": 7, "kv_used_blocks": 9}, LoadReport(5, 0, 9)),
+        ({"worker_id": 5, "dp_rank": 2, "active_decode_blocks": 7}, LoadReport(5, 2, None, None, None, 7)),
+        ({"worker_id": 5, "active_decode_blocks": 7, "kv_used_blocks": 9}, LoadReport(5, 0, 9, None, None, 7)),
         ({"worker_id": 5, "dp_rank": None, "active_prefill_tokens": 120}, LoadReport(5, 0, None, 120)),
         ({"worker_id": 5, "load_report_revision": 42, "kv_used_blocks": 1}, LoadReport(5, 0, 1, None, 42)),
         ({"worker_id": -1, "kv_used_blocks": 1}, LoadReport(2**64 - 1, 0, 1)),
@@ -142,7 +145,7 @@ def test_msgpack_envelope_with_json_payload_and_plain() -> None:
                                   "payload": inner})
     assert parse_load(env) == LoadReport(9, 1, 4)
     env_json = msgspec.msgpack.encode({"payload": b'{"worker_id": 9, "active_decode_blocks": 2}'})
-    assert parse_load(env_json) == LoadReport(9, 0, 2)
+    assert parse_load(env_json) == LoadReport(9, 0, None, None, None, 2)
 
 
 @pytest.mark.parametrize(
@@ -201,10 +204,11 @@ def test_oversized_load_is_rejected_before_decoding() -> None:
         (b'{"runtime_config": {"total_kv_blocks": 10}}', Card(10)),
         (b'{"card_json": {"runtime_config": {"total_kv_blocks": 10, "data_parallel_size": 4,'
          b' "data_parallel_start_rank": 8, "max_num_batched_tokens": 8192}}}', Card(10, 4, 8, 8192)),
-        (b'{"display_name": "x"}', Card()),
+        (b'{"display_name": "x"}', Card(display_name="x")),
         (b'{"runtime_config": null}', Card()),
         (b'{"runtime_config": {"total_kv_blocks": null}}', Card()),
-        (b'{"card_json": {"display_name": "x"}}', Card()),
+        (b'{"card_json": {"display_name": "x", "worker_type": "prefill"}}',
+         Card(display_name="x", worker_type="prefill")),
         (b'{"type": "Model", "card_json": {"runtime_config": {"total_kv_blocks": 0}}}', Card(0)),
     ],
 )

@@ -58,32 +58,124 @@ def test_no_data_is_not_busy_and_members_without_cards_do_not_exist() -> None:
     assert st.kv_total_blocks == 1000 and dict(st.kv_active_blocks) == {} and st.last_report_age is None
 
 
-# --- several data-parallel ranks ------------------------------------------------------------
+# --- data-parallel ranks, as the 1.6 frontend counts them -----------------------------------
 
 @pytest.mark.parametrize(
-    "ranks, busy",
+    "size, start, ranks, busy",
     [
-        ([(0, 950)], True),
-        ([(0, 950), (1, 950)], True),
-        ([(0, 950), (1, 10)], False),         # busy only when every rank with data is busy
-        ([(0, 10), (1, 950)], False),
-        ([(0, 950), (1, 950), (2, 901)], True),
-        ([(0, 950), (1, 950), (2, 900)], False),
+        (1, 0, [(0, 950)], True),
+        (2, 0, [(0, 950), (1, 950)], True),
+        (2, 0, [(0, 950), (1, 10)], False),
+        (2, 0, [(0, 10), (1, 950)], False),
+        (2, 0, [(1, 200 * 1000 // 256)], False),          # 1.6.1 probe: rank 0 never reported → accepted
+        (2, 0, [(0, 950)], False),                        # a declared rank with no report counts as free
+        (4, 0, [(0, 950), (1, 950), (2, 901), (3, 999)], True),
+        (4, 0, [(0, 950), (1, 950), (2, 900), (3, 999)], False),
+        (2, 4, [(4, 950), (5, 950)], True),               # start rank 4: ranks 4 and 5
     ],
 )
-def test_ranks(ranks: Sequence[Tuple[int, int]], busy: bool) -> None:
-    s = state_with(put(W1, 1000, data_parallel_size=4), *[load(W1, kv, rank=r) for r, kv in ranks])
+def test_ranks(size: int, start: int, ranks: Sequence[Tuple[int, int]], busy: bool) -> None:
+    s = state_with(put(W1, 1000, data_parallel_size=size, data_parallel_start_rank=start),
+                   *[load(W1, kv, rank=r) for r, kv in ranks])
     assert s.is_busy(W1) is busy
     st = s.load_state(W1, 0.0)
     assert dict(st.kv_active_blocks) == dict(ranks)
     assert st.busy_ranks == {r for r, kv in ranks if kv > 900}
+    assert list(st.declared_ranks) == list(range(start, start + size))
 
 
-def test_rank_with_no_kv_data_does_not_block_busy() -> None:
-    # Rank 1 reported only prefill tokens and no prefill rule is configured:
-    # it has no data for any configured rule, so it does not count.
-    s = state_with(put(W1), load(W1, 950, rank=0), load(W1, None, rank=1, prefill=5))
+def test_reports_outside_the_declared_ranks_are_dropped() -> None:
+    s = state_with(put(W1, 1000, data_parallel_size=2), load(W1, 950, rank=0), load(W1, 950, rank=2),
+                   load(W1, 950, rank=7))
+    assert not s.is_busy(W1)
+    assert dict(s.load_state(W1, 0.0).kv_active_blocks) == {0: 950}
+    assert s.counters["dropped_rank_out_of_range"] == 2
+
+
+def test_card_without_dp_fields_declares_rank_zero_only() -> None:
+    s = state_with(put(W1, 1000), load(W1, 950, rank=1))
+    assert dict(s.load_state(W1, 0.0).kv_active_blocks) == {} and not s.is_busy(W1)
+    apply_all(s, [load(W1, 950, rank=0)], 0.0)
     assert s.is_busy(W1)
+
+
+def test_range_change_drops_ranks_that_left() -> None:
+    s = state_with(put(W1, 1000, data_parallel_size=3), load(W1, 950, rank=0), load(W1, 10, rank=1),
+                   load(W1, 950, rank=2))
+    assert not s.is_busy(W1)
+    c = apply_all(s, [put(W1, 1000, data_parallel_size=1)], 0.0)   # now rank 0 only
+    assert c is not None and c.became_busy == {W1}
+    assert dict(s.load_state(W1, 0.0).kv_active_blocks) == {0: 950}
+    apply_all(s, [put(W1, 1000, data_parallel_size=3)], 0.0)        # ranks 1, 2 back, with no data
+    assert not s.is_busy(W1)
+
+
+def test_held_reports_outside_the_range_are_dropped_when_the_card_arrives() -> None:
+    s = state_with(load(W1, 950, rank=0), load(W1, 950, rank=5))
+    apply_all(s, [put(W1, 1000)], 1.0)
+    assert s.is_busy(W1) and dict(s.load_state(W1, 1.0).kv_active_blocks) == {0: 950}
+    assert s.counters["dropped_rank_out_of_range"] == 1
+
+
+def test_old_release_reports_keep_their_results() -> None:
+    # ≤ 0.7: LoadEvent with data_parallel_rank null (rank 0) on a card with data_parallel_size 1.
+    s = state_with(put(W1, 1024, data_parallel_size=1), load(W1, 1000, rank=0))
+    assert s.is_busy(W1)
+
+
+def test_rank_with_no_data_for_any_rule_counts_as_free() -> None:
+    # Rank 1 reported only prefill tokens and no prefill rule is configured: no
+    # data for any configured rule, so it counts as free (as an unreported rank).
+    s = state_with(put(W1, data_parallel_size=2), load(W1, 950, rank=0), load(W1, None, rank=1, prefill=5))
+    assert not s.is_busy(W1)
+
+
+# --- two KV signals, never one overwriting the other ------------------------------------------
+
+def sig(wid: int, used: Optional[int] = None, decode: Optional[int] = None, rank: int = 0) -> LoadReport:
+    return LoadReport(wid, rank, used, None, None, decode)
+
+
+@pytest.mark.parametrize(
+    "reports, busy",
+    [
+        ([sig(W1, used=950)], True),
+        ([sig(W1, decode=950)], True),
+        ([sig(W1, used=10, decode=950)], True),          # either over: over
+        ([sig(W1, used=950, decode=10)], True),
+        ([sig(W1, used=10, decode=10)], False),
+        ([sig(W1, used=950), sig(W1, decode=10)], True),  # a decode-only report leaves used in place
+        ([sig(W1, decode=950), sig(W1, used=10)], True),  # and the other way round
+        ([sig(W1, used=950, decode=950), sig(W1, used=10), sig(W1, decode=10)], False),
+    ],
+)
+def test_two_signals(reports: Sequence[LoadReport], busy: bool) -> None:
+    s = state_with(put(W1), *reports)
+    assert s.is_busy(W1) is busy
+
+
+def test_two_signals_shown_apart() -> None:
+    s = state_with(put(W1), sig(W1, used=300), sig(W1, decode=700))
+    st = s.load_state(W1, 0.0)
+    assert dict(st.kv_used_blocks) == {0: 300} and dict(st.active_decode_blocks) == {0: 700}
+    assert dict(st.kv_active_blocks) == {0: 700}
+
+
+# --- every threshold opt-in ------------------------------------------------------------------
+
+def test_kv_rule_off() -> None:
+    s = state_with(put(W1), load(W1, 1000), busy_threshold=None)
+    assert not s.is_busy(W1)
+    s2 = state_with(put(W1, max_num_batched_tokens=8192), load(W1, 1000, prefill=101), busy_threshold=None,
+                    prefill_tokens_threshold=100)
+    assert s2.is_busy(W1)
+
+
+def test_prefill_frac_must_be_finite() -> None:
+    with pytest.raises(ValueError):
+        Thresholds(prefill_tokens_threshold_frac=float("inf"))
+    with pytest.raises(ValueError):
+        Thresholds(busy_threshold=None, recover_threshold=0.5)
 
 
 # --- prefill rules ------------------------------------------------------------------------------
@@ -217,7 +309,7 @@ def test_key_moving_to_another_lease() -> None:
 def test_metrics_held_until_the_card_arrives() -> None:
     s = state_with(load(W1, 950), load(W1, 960, rank=1))
     assert s.members == frozenset() and s.pending_workers == 1
-    c = apply_all(s, [put(W1)], 1.0)
+    c = apply_all(s, [put(W1, data_parallel_size=2)], 1.0)
     assert c is not None and c.became_busy == {W1}
     assert dict(s.load_state(W1, 1.0).kv_active_blocks) == {0: 950, 1: 960}
     assert s.pending_workers == 0
@@ -243,7 +335,7 @@ def test_flood_of_unknown_ids_keeps_memory_bounded() -> None:
 
 def test_rank_count_is_capped() -> None:
     s = FleetState(limits=Limits(max_ranks_per_worker=4))
-    apply_all(s, [put(W1)] + [load(W1, 1, rank=r) for r in range(100)], 0.0)
+    apply_all(s, [put(W1, data_parallel_size=100)] + [load(W1, 1, rank=r) for r in range(100)], 0.0)
     assert len(s.load_state(W1, 0).kv_active_blocks) == 4
     assert s.counters["dropped_rank_limit"] == 96
 
@@ -251,11 +343,11 @@ def test_rank_count_is_capped() -> None:
 # --- ordering and revisions ---------------------------------------------------------------------
 
 def test_stale_revision_is_ignored() -> None:
-    s = state_with(put(W1), load(W1, 950, rev=10))
+    s = state_with(put(W1, data_parallel_size=2), load(W1, 950, rev=10))
     apply_all(s, [load(W1, 10, rev=9)], 0.0)
-    assert s.is_busy(W1) and s.counters["stale_revision"] == 1
+    assert s.load_state(W1, 0).kv_active_blocks[0] == 950 and s.counters["stale_revision"] == 1
     apply_all(s, [load(W1, 10, rev=10)], 0.0)   # equal is not stale
-    assert not s.is_busy(W1)
+    assert s.load_state(W1, 0).kv_active_blocks[0] == 10
     apply_all(s, [load(W1, 950, rank=1, rev=1)], 0.0)   # revisions are per rank
     assert s.load_state(W1, 0).kv_active_blocks[1] == 950
 
@@ -352,7 +444,7 @@ def test_outage_policy(policy: str, busy_during: set) -> None:
 
 def test_ttl_bookkeeping_does_not_grow_with_the_message_rate() -> None:
     s = FleetState(Thresholds(metrics_ttl=30.0))
-    apply_all(s, [put(W1), put(W2)], 0.0)
+    apply_all(s, [put(W1, data_parallel_size=3), put(W2, data_parallel_size=3)], 0.0)
     for i in range(100_000):
         s.apply_load(load(W1 if i % 2 else W2, i % 1000, rank=i % 3), i * 0.0001)
     assert len(s._ttl_heap) <= 6          # one deadline per rank, not one per report

@@ -36,7 +36,7 @@ class UserError(Exception):
 # --- rendering -----------------------------------------------------------------------------
 
 
-def render_table(states: Dict[int, WorkerLoadState], busy_threshold: float, width: int = 100) -> str:
+def render_table(states: Dict[int, WorkerLoadState], busy_threshold: Optional[float], width: int = 100) -> str:
     header = f"{'WORKER':<18} {'KV TOTAL':>9} {'ACTIVE (per rank)':<22} {'UTIL':>6} {'BUSY':<4} {'LAST':>7}"
     lines = [header, "-" * min(width, len(header))]
     for wid in sorted(states):
@@ -48,7 +48,8 @@ def render_table(states: Dict[int, WorkerLoadState], busy_threshold: float, widt
         age = "-" if st.last_report_age is None else f"{st.last_report_age:6.1f}s"
         lines.append(f"{wid:<18x} {total:>9} {ranks:<22.22} {util_s:>6} {'YES' if st.busy else 'no':<4} {age:>7}")
     busy = sum(1 for s in states.values() if s.busy)
-    lines.append(f"{len(states)} workers, {busy} busy (threshold {busy_threshold:g})")
+    rule = "KV rule off" if busy_threshold is None else f"threshold {busy_threshold:g}"
+    lines.append(f"{len(states)} workers, {busy} busy ({rule})")
     return "\n".join(lines)
 
 

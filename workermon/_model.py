@@ -6,6 +6,7 @@ reference without a lock.  Nothing here imports ``threading``.
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Literal, Mapping, Optional, Tuple, Union
 
@@ -69,7 +70,8 @@ class WorkerLoadState:
 
     ``kv_total_blocks`` is the card's capacity per data-parallel rank (None
     when unknown); ``kv_active_blocks`` maps each rank to the active blocks the
-    KV rule used (the worker-reported ``kv_used_blocks`` when present);
+    KV rule acts on (the higher of the worker's own ``kv_used_blocks`` and a
+    router's ``active_decode_blocks``; each is also shown on its own);
     ``last_report_age`` is seconds since the newest load report, or None.
     """
 
@@ -85,6 +87,16 @@ class WorkerLoadState:
     data_parallel_start_rank: int = 0
     max_num_batched_tokens: Optional[int] = None
     card_keys: Tuple[str, ...] = ()
+    # The two KV signals apart (``kv_active_blocks`` shows the higher of the two per rank).
+    kv_used_blocks: Mapping[int, int] = attrs.field(factory=_empty_mapping)
+    active_decode_blocks: Mapping[int, int] = attrs.field(factory=_empty_mapping)
+    display_name: Optional[str] = None
+    worker_type: Optional[str] = None
+
+    @property
+    def declared_ranks(self) -> range:
+        """The data-parallel ranks the card declares."""
+        return range(self.data_parallel_start_rank, self.data_parallel_start_rank + self.data_parallel_size)
 
     @property
     def utilization(self) -> Optional[float]:
@@ -102,6 +114,8 @@ class Card:
     data_parallel_size: int = 1
     data_parallel_start_rank: int = 0
     max_num_batched_tokens: Optional[int] = None
+    display_name: Optional[str] = None
+    worker_type: Optional[str] = None
 
 
 @attrs.frozen
@@ -140,6 +154,9 @@ class LoadReport:
     """One parsed load report for one worker and data-parallel rank.
 
     ``None`` means "not reported": the previous value for the rank stays.
+    ``kv_active_blocks`` is the worker's own count (``kv_used_blocks``, or
+    LoadEvent's ``kv_active_blocks``); ``active_decode_blocks`` a router's
+    estimate: two signals, kept apart.
     """
 
     worker_id: int
@@ -147,13 +164,14 @@ class LoadReport:
     kv_active_blocks: Optional[int] = None
     active_prefill_tokens: Optional[int] = None
     revision: Optional[int] = None
+    active_decode_blocks: Optional[int] = None
 
 
 @attrs.frozen
 class Thresholds:
     """The busy rule's settings; see SPEC §2.  Validated on construction."""
 
-    busy_threshold: float = 0.9
+    busy_threshold: Optional[float] = 0.9
     recover_threshold: Optional[float] = None
     prefill_tokens_threshold: Optional[int] = None
     prefill_tokens_threshold_frac: Optional[float] = None
@@ -163,9 +181,13 @@ class Thresholds:
     outage_grace: float = 5.0
 
     def __attrs_post_init__(self) -> None:
-        if not _is_number(self.busy_threshold) or not 0.0 <= self.busy_threshold <= 1.0:
-            raise ValueError(f"busy_threshold must be a number in [0, 1], got {self.busy_threshold!r}")
+        if self.busy_threshold is not None and (
+            not _is_number(self.busy_threshold) or not 0.0 <= self.busy_threshold <= 1.0
+        ):
+            raise ValueError(f"busy_threshold must be a number in [0, 1] or None, got {self.busy_threshold!r}")
         if self.recover_threshold is not None:
+            if self.busy_threshold is None:
+                raise ValueError("recover_threshold needs busy_threshold (the KV rule is off)")
             if not _is_number(self.recover_threshold) or not (
                 0.0 <= self.recover_threshold < self.busy_threshold
             ):
@@ -182,13 +204,17 @@ class Thresholds:
                 f"prefill_tokens_threshold must be an integer >= 0, got {self.prefill_tokens_threshold!r}"
             )
         if self.prefill_tokens_threshold_frac is not None and (
-            not _is_number(self.prefill_tokens_threshold_frac) or self.prefill_tokens_threshold_frac < 0
+            not _is_number(self.prefill_tokens_threshold_frac)
+            or self.prefill_tokens_threshold_frac < 0
+            or not math.isfinite(self.prefill_tokens_threshold_frac)
         ):
             raise ValueError(
-                "prefill_tokens_threshold_frac must be a number >= 0, "
+                "prefill_tokens_threshold_frac must be a finite number >= 0, "
                 f"got {self.prefill_tokens_threshold_frac!r}"
             )
-        if self.metrics_ttl is not None and (not _is_number(self.metrics_ttl) or self.metrics_ttl <= 0):
+        if self.metrics_ttl is not None and (
+            not _is_number(self.metrics_ttl) or self.metrics_ttl <= 0 or not math.isfinite(self.metrics_ttl)
+        ):
             raise ValueError(f"metrics_ttl must be a number of seconds > 0, got {self.metrics_ttl!r}")
         if self.stale_policy not in ("ignore", "busy"):
             raise ValueError(f"stale_policy must be 'ignore' or 'busy', got {self.stale_policy!r}")

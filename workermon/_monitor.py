@@ -144,7 +144,7 @@ class WorkerMonitor:
         etcd_endpoints: Union[Sequence[str], str, None] = FROM_ENV,
         nats_servers: Union[Sequence[str], str, None] = FROM_ENV,
         namespace: str = "dynamo",
-        busy_threshold: float = 0.9,
+        busy_threshold: Optional[float] = 0.9,
         *,
         component: Optional[str] = None,
         endpoint: Optional[str] = None,
@@ -522,7 +522,7 @@ class WorkerMonitor:
 
     def set_thresholds(
         self,
-        busy_threshold: float = _UNCHANGED,
+        busy_threshold: Optional[float] = _UNCHANGED,
         *,
         recover_threshold: Optional[float] = _UNCHANGED,
         prefill_tokens_threshold: Optional[int] = _UNCHANGED,
@@ -690,11 +690,12 @@ class WorkerMonitor:
         state = self._state
         apply = state.apply_load_fields
         limit = self._max_load_bytes
+        bare = batch.bare
         applied = 0
         try:
             for raw in batch:
                 try:
-                    wid, rank, kv, prefill, revision = parse_load_fields(raw, limit)
+                    wid, rank, kv, decode, prefill, revision = parse_load_fields(raw, limit, bare)
                 except Malformed as exc:
                     state.counters.inc("malformed_load")
                     state.counters.inc(f"malformed_load_{exc.reason}")
@@ -702,7 +703,7 @@ class WorkerMonitor:
                         self._warned_reasons.add(exc.reason)
                         log.warning("dropping malformed load report (%s); further ones are only counted", exc)
                     continue
-                applied += apply(wid, rank, kv, prefill, revision, now)
+                applied += apply(wid, rank, kv, decode, prefill, revision, now)
         finally:
             state.counters.inc("load_reports", applied)
             batch.backlog.note_applied(len(batch), batch.nbytes)

@@ -107,12 +107,20 @@ def _decode_payload(data: bytes) -> _LoadPayload:
     return _decode_json(data)
 
 
-LoadFields = Tuple[int, int, Optional[int], Optional[int], Optional[int]]
+LoadFields = Tuple[int, int, Optional[int], Optional[int], Optional[int], Optional[int]]
 
 
-def parse_load_fields(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> LoadFields:
-    """Parse one load message into ``(worker_id, dp_rank, kv, prefill, revision)``.
+def parse_load_fields(
+    data: Union[bytes, bytearray, memoryview],
+    max_bytes: int = DEFAULT_MAX_LOAD_BYTES,
+    bare: bool = False,
+) -> LoadFields:
+    """Parse one load message into ``(worker_id, dp_rank, kv_used, decode, prefill, revision)``.
 
+    ``kv_used`` is the worker's own count (ActiveLoad's ``kv_used_blocks``,
+    LoadEvent's ``kv_active_blocks``), ``decode`` a router's estimate
+    (``active_decode_blocks``): two signals, never merged here.  ``bare``
+    says ``data`` is an ActiveLoad body already out of its envelope (ZMQ).
     The reducer's hot path: a plain tuple, no value object per message.
     Raises :class:`Malformed` for anything that is not a valid report.
     """
@@ -122,7 +130,9 @@ def parse_load_fields(data: Union[bytes, bytearray, memoryview], max_bytes: int 
         raise Malformed("empty")
     raw = data if type(data) is bytes else bytes(data)
     try:
-        if raw[0] in _MSGPACK_MAP:
+        if bare:
+            msg = _msgpack_load.decode(raw)
+        elif raw[0] in _MSGPACK_MAP:
             payload_bytes = _msgpack_envelope.decode(raw).payload
             if not payload_bytes:
                 raise Malformed("bad_envelope", "empty payload")
@@ -141,23 +151,25 @@ def parse_load_fields(data: Union[bytes, bytearray, memoryview], max_bytes: int 
             raise Malformed("bad_field", str(exc)) from None
 
     dp_rank = msg.dp_rank
-    # The worker's own count of used blocks wins over the router-side estimate.
-    kv = msg.kv_used_blocks if msg.kv_used_blocks is not None else msg.active_decode_blocks
+    kv = msg.kv_used_blocks
     data_ = msg.data
     if data_ is not None:
         if kv is None and data_.kv_stats is not None:
             kv = data_.kv_stats.kv_active_blocks
         if dp_rank is None and data_.worker_stats is not None:
             dp_rank = data_.worker_stats.data_parallel_rank
-    return worker_id, dp_rank or 0, kv, msg.active_prefill_tokens, msg.load_report_revision
+    return worker_id, dp_rank or 0, kv, msg.active_decode_blocks, msg.active_prefill_tokens, msg.load_report_revision
 
 
-def parse_load(data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> LoadReport:
+def parse_load(
+    data: Union[bytes, bytearray, memoryview], max_bytes: int = DEFAULT_MAX_LOAD_BYTES, bare: bool = False
+) -> LoadReport:
     """Parse one load message (LoadEvent or ActiveLoad, JSON or msgpack envelope).
 
     Raises :class:`Malformed` for anything that is not a valid report.
     """
-    return LoadReport(*parse_load_fields(data, max_bytes))
+    wid, rank, kv, decode, prefill, revision = parse_load_fields(data, max_bytes, bare)
+    return LoadReport(wid, rank, kv, prefill, revision, decode)
 
 
 # --- worker cards -----------------------------------------------------------
@@ -172,12 +184,17 @@ class _RuntimeConfig(msgspec.Struct):
 
 class _CardBody(msgspec.Struct):
     runtime_config: Optional[_RuntimeConfig] = None
+    display_name: Optional[str] = None
+    # 1.6 cards: "aggregated", "prefill", "decode"; anything else is kept as is.
+    worker_type: Optional[str] = None
 
 
 class _CardDoc(msgspec.Struct):
     """A card at the top level (Dynamo 0.6) or wrapped in ``card_json`` (0.7+)."""
 
     runtime_config: Optional[_RuntimeConfig] = None
+    display_name: Optional[str] = None
+    worker_type: Optional[str] = None
     card_json: Optional[_CardBody] = None
 
 
@@ -227,9 +244,15 @@ def parse_card(
         raise Malformed("bad_field", str(exc)) from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise Malformed("bad_encoding", str(exc)) from None
-    rc = doc.card_json.runtime_config if doc.card_json is not None else doc.runtime_config
+    body: Union[_CardDoc, _CardBody] = doc.card_json if doc.card_json is not None else doc
+    rc = body.runtime_config
+    name, kind = body.display_name, body.worker_type
+    if name is not None and len(name) > 1024:
+        name = name[:1024]
+    if kind is not None and len(kind) > 64:
+        raise Malformed("bad_field", "worker_type is longer than 64 characters")
     if rc is None:
-        return CardPut(key=key, worker_id=worker_id, card=Card())
+        return CardPut(key=key, worker_id=worker_id, card=Card(display_name=name, worker_type=kind))
     return CardPut(
         key=key,
         worker_id=worker_id,
@@ -238,5 +261,7 @@ def parse_card(
             data_parallel_size=rc.data_parallel_size if rc.data_parallel_size is not None else 1,
             data_parallel_start_rank=rc.data_parallel_start_rank or 0,
             max_num_batched_tokens=rc.max_num_batched_tokens,
+            display_name=name,
+            worker_type=kind,
         ),
     )

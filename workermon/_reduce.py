@@ -58,15 +58,20 @@ class Counters(Dict[str, int]):
 
 
 class _Rank:
-    __slots__ = ("kv", "prefill", "revision", "time", "kv_over", "stale", "queued")
+    __slots__ = ("kv", "decode", "prefill", "revision", "time", "kv_over", "decode_over", "stale", "queued")
 
     def __init__(self) -> None:
+        # Two KV signals, never one overwriting the other: the worker's own
+        # count (kv_used_blocks; LoadEvent's kv_active_blocks) and a router's
+        # estimate (active_decode_blocks).
         self.kv: Optional[int] = None
+        self.decode: Optional[int] = None
         self.prefill: Optional[int] = None
         self.revision: Optional[int] = None
         self.time = 0.0
-        # Hysteresis memory of the KV rule; see _rank_busy.
+        # Hysteresis memory of the KV rule, per signal; see _rank_busy.
         self.kv_over = False
+        self.decode_over = False
         self.stale = False
         # Whether a metrics_ttl deadline for this rank is in the heap: at
         # most one entry per rank, however many reports arrive.
@@ -90,8 +95,20 @@ class _Worker:
         for key in keys:
             if self.cards[key].total_kv_blocks is not None:
                 self.card = self.cards[key]
-                return
-        self.card = self.cards[keys[0]] if keys else Card()
+                break
+        else:
+            self.card = self.cards[keys[0]] if keys else Card()
+
+    def declares(self, rank_id: int) -> bool:
+        card = self.card
+        return card.data_parallel_start_rank <= rank_id < card.data_parallel_start_rank + card.data_parallel_size
+
+    def prune_ranks(self) -> int:
+        """Drop the data of ranks the card no longer declares; how many went."""
+        gone = [r for r in self.ranks if not self.declares(r)]
+        for r in gone:
+            del self.ranks[r]
+        return len(gone)
 
 
 class _Pending:
@@ -152,12 +169,18 @@ class FleetState:
     def load_state(self, worker_id: int, now: float) -> WorkerLoadState:
         w = self.workers[worker_id]
         kv: Dict[int, int] = {}
+        used: Dict[int, int] = {}
+        decode: Dict[int, int] = {}
         prefill: Dict[int, int] = {}
         busy_ranks = set()
         stale_ranks = set()
         for rank_id, r in w.ranks.items():
             if r.kv is not None:
-                kv[rank_id] = r.kv
+                used[rank_id] = kv[rank_id] = r.kv
+            if r.decode is not None:
+                decode[rank_id] = r.decode
+                # The signal nearer the threshold is the one the rule acts on.
+                kv[rank_id] = max(r.decode, kv.get(rank_id, 0))
             if r.prefill is not None:
                 prefill[rank_id] = r.prefill
             if r.stale:
@@ -177,6 +200,10 @@ class FleetState:
             data_parallel_start_rank=w.card.data_parallel_start_rank,
             max_num_batched_tokens=w.card.max_num_batched_tokens,
             card_keys=tuple(sorted(w.cards)),
+            kv_used_blocks=types.MappingProxyType(used),
+            active_decode_blocks=types.MappingProxyType(decode),
+            display_name=w.card.display_name,
+            worker_type=w.card.worker_type,
         )
 
     def load_states(self, now: float) -> Dict[int, WorkerLoadState]:
@@ -209,6 +236,7 @@ class FleetState:
         if owner is not None and owner != put.worker_id:
             # The key moved to another lease: it leaves its old owner first.
             self._remove_card(put.key)
+        held = None
         w = self.workers.get(put.worker_id)
         if w is None:
             w = self.workers[put.worker_id] = _Worker()
@@ -218,15 +246,23 @@ class FleetState:
                 w.ranks = held.ranks
                 w.last_time = max((r.time for r in held.ranks.values()), default=None)
                 self.counters.inc("pending_applied")
-                for rank_id, r in held.ranks.items():
-                    self._schedule_ttl(put.worker_id, rank_id, r)
         # Workers of one deployment carry equal cards: share one object, so
         # the hot path touches one card in cache instead of one per worker.
         card = self._card_pool.setdefault(put.card, put.card)
         w.cards[put.key] = card
         self._key_owner[put.key] = put.worker_id
-        w.choose_card()
+        self._card_changed(put.worker_id, w)
+        if held is not None:
+            for rank_id, r in w.ranks.items():
+                self._schedule_ttl(put.worker_id, rank_id, r)
         self._evaluate(put.worker_id, w)
+
+    def _card_changed(self, wid: int, w: _Worker) -> None:
+        w.choose_card()
+        # Ranks that left the declared range go with their data.
+        dropped = w.prune_ranks()
+        if dropped:
+            self.counters.inc("dropped_rank_out_of_range", dropped)
 
     def apply_card_delete(self, delete: CardDelete) -> None:
         self.counters.inc("card_deletes")
@@ -253,8 +289,8 @@ class FleetState:
     def apply_load(self, report: LoadReport, now: float) -> bool:
         """Apply one load report; True when it changed a member's data."""
         return self.apply_load_fields(
-            report.worker_id, report.dp_rank, report.kv_active_blocks, report.active_prefill_tokens,
-            report.revision, now,
+            report.worker_id, report.dp_rank, report.kv_active_blocks, report.active_decode_blocks,
+            report.active_prefill_tokens, report.revision, now,
         )
 
     def apply_load_fields(
@@ -262,6 +298,7 @@ class FleetState:
         wid: int,
         rank_id: int,
         kv: Optional[int],
+        decode: Optional[int],
         prefill: Optional[int],
         revision: Optional[int],
         now: float,
@@ -269,9 +306,13 @@ class FleetState:
         """The hot path of :meth:`apply_load`, on plain fields (see ``parse_load_fields``)."""
         w = self.workers.get(wid)
         if w is None:
-            self._hold(wid, rank_id, kv, prefill, revision, now)
+            self._hold(wid, rank_id, kv, decode, prefill, revision, now)
             return False
-        rank = self._merge_into(w.ranks, rank_id, kv, prefill, revision, now)
+        card = w.card
+        if not card.data_parallel_start_rank <= rank_id < card.data_parallel_start_rank + card.data_parallel_size:
+            self.counters.inc("dropped_rank_out_of_range")
+            return False
+        rank = self._merge_into(w.ranks, rank_id, kv, decode, prefill, revision, now)
         if rank is None:
             return False
         w.last_time = now
@@ -306,7 +347,7 @@ class FleetState:
             for w in self.workers.values():
                 for r in w.ranks.values():
                     # The memory says "over the old threshold": meaningless now.
-                    r.kv_over = False
+                    r.kv_over = r.decode_over = False
         if (old.metrics_ttl, old.stale_policy) != (thresholds.metrics_ttl, thresholds.stale_policy):
             self._restale(now)
         self._evaluate_all()
@@ -413,7 +454,7 @@ class FleetState:
 
     # --- internals ----------------------------------------------------------
 
-    def _hold(self, wid: int, rank_id: int, kv: Optional[int], prefill: Optional[int],
+    def _hold(self, wid: int, rank_id: int, kv: Optional[int], decode: Optional[int], prefill: Optional[int],
               revision: Optional[int], now: float) -> None:
         self.counters.inc("unknown_worker")
         held = self._pending.get(wid)
@@ -425,10 +466,10 @@ class FleetState:
                 self._pending.popitem(last=False)  # oldest first
                 self.counters.inc("pending_dropped")
             held = self._pending[wid] = _Pending(now)
-        self._merge_into(held.ranks, rank_id, kv, prefill, revision, now)
+        self._merge_into(held.ranks, rank_id, kv, decode, prefill, revision, now)
 
-    def _merge_into(self, ranks: Dict[int, _Rank], rank_id: int, kv: Optional[int], prefill: Optional[int],
-                    revision: Optional[int], now: float) -> Optional[_Rank]:
+    def _merge_into(self, ranks: Dict[int, _Rank], rank_id: int, kv: Optional[int], decode: Optional[int],
+                    prefill: Optional[int], revision: Optional[int], now: float) -> Optional[_Rank]:
         """Merge a report into a member's or a held worker's ranks; None when it was dropped.
 
         The rank is created under the per-worker cap; a report whose revision
@@ -446,6 +487,8 @@ class FleetState:
         # A null field means "not reported": the rank's previous value stays.
         if kv is not None:
             rank.kv = kv
+        if decode is not None:
+            rank.decode = decode
         if prefill is not None:
             rank.prefill = prefill
         if revision is not None:
@@ -461,7 +504,7 @@ class FleetState:
         w = self.workers[wid]
         del w.cards[key]
         if w.cards:
-            w.choose_card()
+            self._card_changed(wid, w)
             self._evaluate(wid, w)
             return
         # The last card went: the worker leaves with all its load data.
@@ -486,19 +529,23 @@ class FleetState:
         th = self.thresholds
         has_data = False
         over = False
-        if r.kv is not None:
+        busy_threshold = th.busy_threshold
+        if busy_threshold is not None and (r.kv is not None or r.decode is not None):
+            # Each signal is held against the threshold on its own, with its
+            # own hysteresis memory; the rank is over when either is.
             has_data = True
             total = card.total_kv_blocks
+            recover = th.recover_threshold
             if total:
-                limit = th.busy_threshold
-                if r.kv_over and th.recover_threshold is not None:
-                    limit = th.recover_threshold
+                if r.kv is not None:
+                    limit = recover if r.kv_over and recover is not None else busy_threshold
                     r.kv_over = r.kv > limit * total
-                else:
-                    r.kv_over = r.kv > limit * total
-                over = r.kv_over
+                if r.decode is not None:
+                    limit = recover if r.decode_over and recover is not None else busy_threshold
+                    r.decode_over = r.decode > limit * total
+                over = r.kv_over or r.decode_over
             else:
-                r.kv_over = False
+                r.kv_over = r.decode_over = False
         if r.prefill is not None:
             if th.prefill_tokens_threshold is not None:
                 has_data = True
@@ -513,16 +560,18 @@ class FleetState:
             # The feed is down past its grace: fail closed ("busy") or open ("ignore").
             busy = self.thresholds.outage_policy == "busy"
         else:
-            any_data = False
-            all_busy = True
+            # Busy only when every declared rank is busy, as Dynamo 1.6's
+            # frontend counts: a declared rank with no report (or no data for
+            # any configured rule) counts as free.  Ranks hold only declared
+            # ranks, so "every declared" is "as many as declared, all busy".
+            # Every rank is evaluated, to keep each hysteresis memory current.
+            card = w.card
+            busy = True
             for r in w.ranks.values():
-                verdict = self._rank_busy(r, w.card)
-                if verdict is None:
-                    continue
-                any_data = True
-                if not verdict:
-                    all_busy = False
-            busy = any_data and all_busy
+                if self._rank_busy(r, card) is not True:
+                    busy = False
+            if len(w.ranks) < card.data_parallel_size:
+                busy = False
         if busy == w.busy:
             return
         w.busy = busy
