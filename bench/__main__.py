@@ -126,7 +126,7 @@ def run_workermon(etcd_url: str, nats_url: str, ns: str, workers: int, count: in
 
         def marker_applied() -> bool:
             st = mon.load_state(BASE)
-            return st is not None and st.kv_active_blocks.get(1) == MARKER
+            return st is not None and st.kv_active_blocks.get(0) == MARKER
 
         assert mon.wait_for(marker_applied, 300), "workermon never applied the marker"
         done = time.time()
@@ -137,8 +137,10 @@ def run_workermon(etcd_url: str, nats_url: str, ns: str, workers: int, count: in
         # Everything applied, in order: each worker's state is its last published value.
         rounds = count // workers
         states = mon.load_states()
+        # (Worker 0's last report is the marker itself.)
         wrong = sum(1 for i in range(workers)
-                    if rounds and states[BASE + i].kv_active_blocks.get(0) != value_for(i, rounds - 1))
+                    if rounds and states[BASE + i].kv_active_blocks.get(0)
+                    != (MARKER if i == 0 else value_for(i, rounds - 1)))
         h = mon.health()
         info = {"received": h.nats.counters.get("messages", 0), "wrong_final": wrong,
                 "dropped": h.nats.counters.get("dropped_backlog", 0) + h.nats.counters.get("dropped_slow_consumer", 0),
@@ -175,7 +177,7 @@ def run_latency(etcd_url: str, nats_url: str, ns: str, workers: int, rate: float
 
         def marker_applied() -> bool:
             st = mon.load_state(BASE)
-            return st is not None and st.kv_active_blocks.get(1) == MARKER
+            return st is not None and st.kv_active_blocks.get(0) == MARKER
 
         assert mon.wait_for(marker_applied, seconds + 60)
         _finish(proc)

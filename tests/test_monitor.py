@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
-from workermon import BusyChange, WorkerMonitor
+from workermon import BusyChange, WorkerLoadState, WorkerMonitor
 
 from .conftest import Changes
 from .helpers import RawNatsPublisher, active_load, card_json, card_key, load_event
@@ -62,7 +62,7 @@ def test_card_then_metrics_busy_then_free(make_monitor: Make, etcd: Any, publish
     assert applied(mon, wid, 0, 960)
     assert changes.drain() == []
 
-    publisher.publish(subject(namespace), active_load(wid, dp_rank=0, active_decode_blocks=100))
+    publisher.publish(subject(namespace), active_load(wid, dp_rank=0, kv_used_blocks=100))
     publisher.flush()
     c = changes.get()
     assert c == BusyChange(frozenset(), frozenset(), frozenset({wid}), frozenset(), 2)
@@ -338,14 +338,16 @@ def test_thousand_workers_twenty_updates_final_state(make_monitor: Make, etcd: A
             value = (i * 37 + r * 101) % 1100
             last[wid] = value
             publisher.publish(subject(namespace), active_load(wid, kv_used_blocks=value))
+    # The marker: a report that only carries the other signal (active_decode_blocks),
+    # last; it leaves the worker's own count in place.
     marker = ids[0]
-    publisher.publish(subject(namespace), active_load(marker, dp_rank=1, kv_used_blocks=12345))
+    publisher.publish(subject(namespace), active_load(marker, active_decode_blocks=12345))
     publisher.flush()
-    assert applied(mon, marker, 1, 12345, timeout=30)
+    assert mon.wait_for(lambda: (mon.load_state(marker) or WorkerLoadState(0, None)).active_decode_blocks.get(0)
+                        == 12345, 30)
     states = mon.load_states()
-    assert {wid: states[wid].kv_active_blocks[0] for wid in ids} == last
-    expected_busy = {wid for wid, v in last.items() if v > 900}
-    # The marker's rank 1 (12345 > 900) is busy too, so its busy state follows rank 0.
+    assert {wid: states[wid].kv_used_blocks[0] for wid in ids} == last
+    expected_busy = {wid for wid, v in last.items() if v > 900} | {marker}  # 12345 > 900: over
     assert mon.busy_workers() == expected_busy
     assert mon.free_workers() == set(ids) - expected_busy
     etcd.delete_prefix(f"v1/mdc/{namespace}/")

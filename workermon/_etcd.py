@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.parse
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import attrs
 import grpc
@@ -162,8 +162,48 @@ def make_client(cfg: EtcdConfig, url: str, track: Optional[Callable[[Any], None]
     return client
 
 
+@attrs.frozen
+class Watched:
+    """One prefix the etcd source lists and watches, and what its keys become.
+
+    ``parse(key, value, lease)`` returns the put update (None: a key of no
+    interest, e.g. another topic) or raises :class:`Malformed`;
+    ``delete(key)`` and ``listing(items, revision, malformed_keys)`` build
+    the other two updates; ``emit`` receives them.  ``backlogged`` says the
+    updates wait in the reducer's queue, bounded by the source's backlog.
+    """
+
+    name: str
+    prefix: str
+    parse: Callable[[bytes, bytes, int], Optional[object]]
+    delete: Callable[[str], object]
+    listing: Callable[[Tuple[Any, ...], int, Tuple[str, ...]], object]
+    emit: Optional[Callable[[object], None]] = None
+    backlogged: bool = True
+
+    @property
+    def range(self) -> Tuple[bytes, bytes]:
+        key = self.prefix.encode("utf-8")
+        return key, _prefix_range_end(key)
+
+
+def card_watch(prefix: str, max_card_bytes: int = DEFAULT_MAX_CARD_BYTES) -> Watched:
+    """The worker cards: CardPut / CardDelete / CardListing for the reducer."""
+    return Watched(
+        name="cards",
+        prefix=prefix,
+        parse=lambda k, v, lease: parse_card(k, v, lease, max_card_bytes),
+        delete=lambda key: CardDelete(key=key),
+        listing=lambda items, rev, bad: CardListing(cards=items, revision=rev, malformed_keys=bad),
+    )
+
+
 class EtcdSource(threading.Thread):
-    """``workermon-etcd``: feeds CardListing / CardPut / CardDelete to ``emit``."""
+    """``workermon-etcd``: lists and watches each :class:`Watched` prefix on one stream.
+
+    By default only the cards (``cfg.prefix``); the monitor adds the event
+    channels of Dynamo 1.6's ZMQ plane, which go to the ZMQ source.
+    """
 
     def __init__(
         self,
@@ -172,6 +212,7 @@ class EtcdSource(threading.Thread):
         stopping: threading.Event,
         status: SourceStatus,
         backlog: Optional[Backlog] = None,
+        extra: Sequence[Watched] = (),
     ) -> None:
         super().__init__(name="workermon-etcd", daemon=True)
         self._cfg = cfg
@@ -182,8 +223,7 @@ class EtcdSource(threading.Thread):
         self.backlog = backlog if backlog is not None else Backlog(1 << 62)
         self._stopping = stopping
         self.status = status
-        self._prefix = cfg.prefix.encode("utf-8")
-        self._range_end = _prefix_range_end(self._prefix)
+        self.watched: Tuple[Watched, ...] = (card_watch(cfg.prefix, cfg.max_card_bytes),) + tuple(extra)
         self._call_lock = threading.Lock()
         self._call: Any = None
         self._endpoint_index = 0
@@ -199,7 +239,10 @@ class EtcdSource(threading.Thread):
             call.cancel()
         self.backlog.drained.set()
 
-    def _emit(self, item: object) -> None:
+    def _emit(self, watched: Watched, item: object) -> None:
+        if watched.emit is not None:
+            watched.emit(item)
+            return
         self.backlog.note_enqueued(1)
         self._put(item)
 
@@ -213,31 +256,33 @@ class EtcdSource(threading.Thread):
 
     def run(self) -> None:
         backoff = Backoff(self._stopping, self._cfg.backoff_initial, self._cfg.backoff_cap)
-        revision: Optional[int] = None  # last revision seen; None = list again
+        # Last revision seen, per watched prefix; None = list again.
+        revisions: Optional[List[int]] = None
         self.status.state = "connecting"
+        prefixes = ", ".join(w.prefix for w in self.watched)
         while not self._stopping.is_set():
             client = None
             try:
                 url = self._cfg.endpoints[self._endpoint_index]
                 self.status.endpoint = url
                 client = make_client(self._cfg, url, self._track)
-                if revision is None:
+                if revisions is None:
                     if self.status.counters.get("listings"):
                         self.status.state = "resyncing"
-                    revision = self._list(client)
-                for revision in self._watch(client, revision):
+                    revisions = [self._list(client)] * len(self.watched)
+                for _ in self._watch(client, revisions):
                     backoff.reset()
             except _Compacted:
                 self.status.inc("resyncs")
-                log.warning("etcd watch revision was compacted; listing %s again", self._cfg.prefix)
-                revision = None
+                log.warning("etcd watch revision was compacted; listing %s again", prefixes)
+                revisions = None
                 continue
             except _Backlogged:
                 self.status.inc("resyncs")
                 self.status.inc("backlog_resyncs")
                 log.warning("workermon is %d etcd events behind; listing %s again once it caught up",
-                            self.backlog.items, self._cfg.prefix)
-                revision = None
+                            self.backlog.items, prefixes)
+                revisions = None
                 self._track(None)
                 if not self.backlog.wait_drained(self._stopping):
                     break
@@ -286,12 +331,14 @@ class EtcdSource(threading.Thread):
                 log.error("etcd source failed unexpectedly; restarting it", exc_info=exc)
 
     def _list(self, client: Any) -> int:
-        """Read every card under the prefix at one revision and emit a listing."""
-        from pyetcd import etcdrpc
-
+        """Read every watched prefix at one revision and emit one listing for each."""
         while True:
             try:
-                puts, malformed, revision = self._list_pages(client)
+                revision = 0
+                listings = []
+                for watched in self.watched:
+                    items, malformed, revision = self._list_pages(client, watched, revision)
+                    listings.append((watched, items, malformed))
                 break
             except grpc.RpcError as exc:
                 # The listing's revision was compacted between two pages: not
@@ -299,23 +346,24 @@ class EtcdSource(threading.Thread):
                 if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
                     raise
                 self.status.inc("resyncs")
-                log.info("etcd compacted %s while it was being listed; listing again", self._cfg.prefix)
+                log.info("etcd compacted the prefix while it was being listed; listing again")
         self._track(None)
-        self._emit(CardListing(cards=tuple(puts), revision=revision, malformed_keys=tuple(malformed)))
+        for watched, items, malformed in listings:
+            self._emit(watched, watched.listing(tuple(items), revision, tuple(malformed)))
         self.status.inc("listings")
         self.status.event()
         self._recovered()
         return revision
 
-    def _list_pages(self, client: Any) -> Tuple[List[CardPut], List[str], int]:
+    def _list_pages(self, client: Any, watched: Watched, revision: int) -> Tuple[List[Any], List[str], int]:
+        """One prefix, page by page, at ``revision`` (0: the newest, which is returned)."""
         from pyetcd import etcdrpc
 
-        puts: List[CardPut] = []
+        items: List[Any] = []
         malformed: List[str] = []
-        key = self._prefix
-        revision = 0
+        key, range_end = watched.range
         while True:
-            req = etcdrpc.RangeRequest(key=key, range_end=self._range_end, limit=_PAGE, revision=revision)
+            req = etcdrpc.RangeRequest(key=key, range_end=range_end, limit=_PAGE, revision=revision)
             future = client.kvstub.Range.future(
                 req, self._cfg.timeout, credentials=client.call_credentials, metadata=client.metadata
             )
@@ -324,34 +372,44 @@ class EtcdSource(threading.Thread):
             if revision == 0:
                 revision = resp.header.revision
             for kv in resp.kvs:
-                put = self._parse(kv.key, kv.value, kv.lease)
-                if put is not None:
-                    puts.append(put)
-                else:
+                try:
+                    item = self._parse(watched, kv.key, kv.value, kv.lease)
+                except Malformed:
                     try:
                         malformed.append(kv.key.decode("utf-8"))
                     except UnicodeDecodeError:
-                        pass  # no card can be stored under such a key either
+                        pass  # nothing can be stored under such a key either
+                    continue
+                if item is not None:
+                    items.append(item)
             if not resp.more or not resp.kvs:
                 break
             key = resp.kvs[-1].key + b"\0"
             self._between_pages()
-        return puts, malformed, revision
+        return items, malformed, revision
 
     def _between_pages(self) -> None:
         """A seam for tests (compaction between two pages); nothing to do here."""
 
-    def _watch(self, client: Any, revision: int) -> Iterator[int]:
-        """Watch from ``revision + 1``; yields the last revision seen as it moves."""
+    def _watch(self, client: Any, revisions: List[int]) -> Iterator[None]:
+        """Watch every prefix on one stream, each from its last revision + 1.
+
+        ``revisions`` is updated in place as each watch moves; yields after
+        each response.
+        """
         from pyetcd import etcdrpc
 
-        create = etcdrpc.WatchCreateRequest(
-            key=self._prefix, range_end=self._range_end, start_revision=revision + 1, progress_notify=True
-        )
+        creates = []
+        for watched, revision in zip(self.watched, revisions):
+            key, range_end = watched.range
+            creates.append(etcdrpc.WatchCreateRequest(
+                key=key, range_end=range_end, start_revision=revision + 1, progress_notify=True
+            ))
         finished = threading.Event()
 
         def requests() -> Iterator[Any]:
-            yield etcdrpc.WatchRequest(create_request=create)
+            for create in creates:
+                yield etcdrpc.WatchRequest(create_request=create)
             # Keep the request stream open until the call ends; gRPC reads
             # this generator on its own thread.
             finished.wait()
@@ -360,6 +418,9 @@ class EtcdSource(threading.Thread):
             requests(), credentials=client.call_credentials, metadata=client.metadata
         )
         self._track(call)
+        # etcd answers the create requests in order: the n-th "created" names
+        # the n-th prefix's watch id.
+        index_of: Dict[int, int] = {}
         try:
             for resp in call:
                 if resp.compact_revision:
@@ -367,26 +428,32 @@ class EtcdSource(threading.Thread):
                 if resp.canceled:
                     raise ConnectionError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
                 if resp.created:
-                    self._recovered()
-                    yield revision  # a live watch: the back-off starts afresh
+                    index_of[resp.watch_id] = len(index_of)
+                    if len(index_of) == len(creates):
+                        self._recovered()
+                        yield  # every watch is live: the back-off starts afresh
                     continue
+                i = index_of.get(resp.watch_id)
+                if i is None or i >= len(self.watched):
+                    continue
+                watched = self.watched[i]
                 if resp.events:
                     for ev in resp.events:
-                        if self.backlog.full():
+                        if watched.backlogged and watched.emit is None and self.backlog.full():
                             raise _Backlogged()
-                        self._handle_event(ev)
-                        revision = max(revision, ev.kv.mod_revision)
+                        self._handle_event(watched, ev)
+                        revisions[i] = max(revisions[i], ev.kv.mod_revision)
                 else:
                     # A progress notification: everything up to here was sent.
-                    revision = max(revision, resp.header.revision)
+                    revisions[i] = max(revisions[i], resp.header.revision)
                 self.status.event()
-                yield revision
+                yield
             raise ConnectionError("etcd watch stream ended")
         finally:
             finished.set()
             call.cancel()  # ends the stream on every way out (a no-op once it has ended)
 
-    def _handle_event(self, ev: Any) -> None:
+    def _handle_event(self, watched: Watched, ev: Any) -> None:
         self.status.inc("events")
         if ev.type == 1:  # DELETE (lease expiry included)
             try:
@@ -394,20 +461,25 @@ class EtcdSource(threading.Thread):
             except UnicodeDecodeError:
                 self.status.inc("malformed")
                 return
-            self._emit(CardDelete(key=key))
+            self._emit(watched, watched.delete(key))
             return
-        put = self._parse(ev.kv.key, ev.kv.value, ev.kv.lease)
-        if put is not None:
-            self._emit(put)
-
-    def _parse(self, key: bytes, value: bytes, lease: int) -> Optional[CardPut]:
         try:
-            return parse_card(key, value, lease, self._cfg.max_card_bytes)
+            item = self._parse(watched, ev.kv.key, ev.kv.value, ev.kv.lease)
+        except Malformed:
+            return
+        if item is not None:
+            self._emit(watched, item)
+
+    def _parse(self, watched: Watched, key: bytes, value: bytes, lease: int) -> Optional[object]:
+        try:
+            return watched.parse(key, value, lease)
         except Malformed as exc:
+            # Cards keep their historical counter names (malformed_<reason>).
             self.status.inc("malformed")
-            self.status.inc(f"malformed_{exc.reason}")
-            log.debug("ignoring malformed card %r: %s", key[:200], exc)
-            return None
+            label = "malformed" if watched.name == "cards" else f"malformed_{watched.name}"
+            self.status.inc(f"{label}_{exc.reason}")
+            log.debug("ignoring malformed %s value %r: %s", watched.name, key[:200], exc)
+            raise
 
 
 def _describe(exc: BaseException) -> str:

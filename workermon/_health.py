@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Callable, Dict, Literal, Mapping, Optional
+from typing import Callable, Dict, Literal, Mapping, Optional, Tuple
 
 import attrs
 
@@ -26,9 +26,17 @@ class SourceHealth:
     endpoint: Optional[str] = None
 
 
+def _idle_zmq() -> SourceHealth:
+    return SourceHealth("zmq", "idle", None, {}, "ZMQ disabled")
+
+
 @attrs.frozen
 class Health:
-    """The monitor's health: both sources, the reducer's counters, fleet size."""
+    """The monitor's health: each source, the reducer's counters, fleet size.
+
+    ``required`` names the sources readiness and :attr:`ok` depend on
+    (etcd always; NATS when asked for; ZMQ unless ``event_plane="nats"``).
+    """
 
     etcd: SourceHealth
     nats: SourceHealth
@@ -37,11 +45,13 @@ class Health:
     busy: int
     ready: bool
     alive: bool
+    zmq: SourceHealth = attrs.field(factory=_idle_zmq)
+    required: Tuple[str, ...] = ("etcd", "nats")
 
     @property
     def ok(self) -> bool:
-        """True when both sources are connected and every thread is alive."""
-        return self.alive and self.etcd.state == "connected" and self.nats.state == "connected"
+        """True when every required source is connected and every thread is alive."""
+        return self.alive and all(getattr(self, name).state == "connected" for name in self.required)
 
 
 class SourceStatus:

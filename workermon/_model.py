@@ -18,6 +18,9 @@ __all__ = [
     "CardDelete",
     "CardListing",
     "CardPut",
+    "ChannelDelete",
+    "ChannelListing",
+    "ChannelPut",
     "FeedStatus",
     "LoadReport",
     "Thresholds",
@@ -30,6 +33,7 @@ I64_MIN = -(1 << 63)
 
 StalePolicy = Literal["ignore", "busy"]
 OutagePolicy = Literal["keep", "ignore", "busy"]
+EventPlane = Literal["auto", "nats", "zmq"]
 
 
 def normalize_worker_id(value: int) -> int:
@@ -226,6 +230,37 @@ class Thresholds:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+@attrs.frozen
+class ChannelPut:
+    """A ``kv_metrics`` event channel registered in etcd (Dynamo 1.6's ZMQ plane).
+
+    ``publisher_id`` is the channel's ``instance_id`` (not the worker id);
+    ``worker_id`` is the key's lease; ``endpoint`` the PUB socket's
+    ``tcp://host:port``, or None when the channel is not on ZMQ.
+    """
+
+    key: str
+    publisher_id: int
+    worker_id: int
+    endpoint: Optional[str]
+
+
+@attrs.frozen
+class ChannelDelete:
+    """The channel under ``key`` was deleted or its lease expired."""
+
+    key: str
+
+
+@attrs.frozen
+class ChannelListing:
+    """Every ``kv_metrics`` channel under the prefix at ``revision`` (reconciled like cards)."""
+
+    channels: Tuple[ChannelPut, ...]
+    revision: int
+    malformed_keys: Tuple[str, ...] = ()
 
 
 @attrs.frozen

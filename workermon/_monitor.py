@@ -31,13 +31,33 @@ from typing import (
 
 import attrs
 
-from ._etcd import EtcdConfig, EtcdSource, endpoints_from
+from ._etcd import EtcdConfig, EtcdSource, Watched, endpoints_from
 from ._health import Health, SourceHealth, SourceStatus
-from ._model import BusyChange, CardDelete, CardListing, CardPut, OutagePolicy, StalePolicy, Thresholds, WorkerLoadState
+from ._model import (
+    BusyChange,
+    CardDelete,
+    CardListing,
+    CardPut,
+    ChannelDelete,
+    ChannelListing,
+    EventPlane,
+    OutagePolicy,
+    StalePolicy,
+    Thresholds,
+    WorkerLoadState,
+)
 from ._nats import NatsConfig, NatsSource
-from ._parse import DEFAULT_MAX_CARD_BYTES, DEFAULT_MAX_LOAD_BYTES, Malformed, parse_load_fields
+from ._parse import (
+    DEFAULT_MAX_CARD_BYTES,
+    DEFAULT_MAX_LOAD_BYTES,
+    Malformed,
+    channel_prefix,
+    parse_channel,
+    parse_load_fields,
+)
 from ._queue import Backlog, PayloadBatch
 from ._reduce import FleetState, Limits
+from ._zmq import ZmqConfig, ZmqSource, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +200,8 @@ class WorkerMonitor:
         nats_credentials: Optional[str] = None,
         backoff_initial: float = 0.1,
         backoff_cap: float = 2.0,
+        event_plane: EventPlane = FROM_ENV,
+        zmq_broker_url: Optional[str] = FROM_ENV,
         _clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_name("namespace", namespace)
@@ -212,13 +234,35 @@ class WorkerMonitor:
         self._max_queued = max_queued_messages
         self._max_queued_bytes = max_queued_bytes
 
+        if event_plane is FROM_ENV:
+            event_plane = os.environ.get("DYN_EVENT_PLANE", "").strip().lower() or "auto"  # type: ignore[assignment]
+        if event_plane not in ("auto", "nats", "zmq"):
+            raise ValueError(f"event_plane must be 'auto', 'nats' or 'zmq', got {event_plane!r}")
+        if zmq_broker_url is FROM_ENV:
+            zmq_broker_url = os.environ.get("DYN_ZMQ_BROKER_URL") or None
+        broker = parse_broker_url(zmq_broker_url) if zmq_broker_url is not None else ()
+        if event_plane == "zmq" and nats_servers not in (FROM_ENV, None):
+            raise ValueError("event_plane='zmq' uses no NATS: drop nats_servers (or use event_plane='auto')")
+        # NATS is required (for readiness and the outage policy) only when
+        # asked for: event_plane="nats", nats_servers=…, or $NATS_SERVER.  In
+        # "auto" it is otherwise subscribed where reachable, as a best effort.
+        self.event_plane: EventPlane = event_plane
+        self.nats_required = event_plane == "nats" or (
+            nats_servers is not None and (nats_servers is not FROM_ENV or bool(os.environ.get("NATS_SERVER")))
+        )
         if etcd_endpoints is FROM_ENV:
             etcd_endpoints = endpoints_from(None, os.environ.get("ETCD_ENDPOINTS")) or (DEFAULT_ETCD_ENDPOINT,)
         if nats_servers is FROM_ENV:
             nats_servers = endpoints_from(None, os.environ.get("NATS_SERVER")) or (DEFAULT_NATS_SERVER,)
+        if event_plane == "zmq":
+            nats_servers = None
         self.static = etcd_endpoints is None
         self._etcd_cfg: Optional[EtcdConfig] = None
         self._nats_cfg: Optional[NatsConfig] = None
+        self._zmq_cfg: Optional[ZmqConfig] = None
+        if event_plane != "nats":
+            self._zmq_cfg = ZmqConfig(namespace=namespace, component=component, endpoint=endpoint, broker=broker,
+                                      max_load_bytes=max_load_bytes)
         if not self.static:
             assert etcd_endpoints is not None
             if card_prefix is None:
@@ -269,8 +313,11 @@ class WorkerMonitor:
         self._stopping = threading.Event()
         self._etcd_ready = threading.Event()
         self._nats_ready = threading.Event()
-        if self._nats_cfg is None:
+        self._zmq_ready = threading.Event()
+        if self._nats_cfg is None or not self.nats_required:
             self._nats_ready.set()
+        if self._zmq_cfg is None:
+            self._zmq_ready.set()
         self._snapshot = _EMPTY
         self._callbacks: Tuple[CallbackHandle, ...] = ()
         self._outbox: Deque[Tuple[BusyChange, Tuple[CallbackHandle, ...]]] = deque()
@@ -280,8 +327,10 @@ class WorkerMonitor:
         self._threads: List[threading.Thread] = []
         self._etcd: Optional[EtcdSource] = None
         self._nats: Optional[NatsSource] = None
+        self._zmq: Optional[ZmqSource] = None
         self._etcd_status = SourceStatus("etcd", _clock)
         self._nats_status = SourceStatus("nats", _clock)
+        self._zmq_status = SourceStatus("zmq", _clock)
         self._callback_errors = 0
         self._wake_pending = False
         # Static mode delivers on the registering thread: one at a time.
@@ -306,18 +355,33 @@ class WorkerMonitor:
                 raise RuntimeError("WorkerMonitor.start() was already called; create a new monitor")
             self._started = True
             if self.static:
-                self._etcd_status.state = self._nats_status.state = "static"
+                self._etcd_status.state = self._nats_status.state = self._zmq_status.state = "static"
                 self._etcd_ready.set()
                 self._nats_ready.set()
+                self._zmq_ready.set()
                 return self
             assert self._etcd_cfg is not None
             self._owner_pid = os.getpid()
             _live_monitors.add(self)
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
+            extra = []
+            if self._zmq_cfg is not None:
+                self._zmq = ZmqSource(
+                    self._zmq_cfg,
+                    self._queue.put,
+                    Backlog(self._max_queued, self._max_queued_bytes),
+                    self._stopping,
+                    lambda: self._set_ready(self._zmq_ready),
+                    self._zmq_status,
+                )
+                if not self._zmq_cfg.broker:
+                    extra.append(self._channel_watch(self._zmq))
             self._etcd = EtcdSource(
-                self._etcd_cfg, self._queue.put, self._stopping, self._etcd_status, Backlog(self._max_queued)
+                self._etcd_cfg, self._queue.put, self._stopping, self._etcd_status, Backlog(self._max_queued), extra
             )
             self._threads = [reducer, self._etcd]
+            if self._zmq is not None:
+                self._threads.append(self._zmq)
             if self._nats_cfg is not None:
                 self._nats = NatsSource(
                     self._nats_cfg,
@@ -327,6 +391,7 @@ class WorkerMonitor:
                     lambda: self._set_ready(self._nats_ready),
                     self._nats_status,
                     self._max_load_bytes,
+                    report_feed=self.nats_required,
                 )
                 self._threads.append(self._nats)
             for thread in self._threads:
@@ -418,7 +483,12 @@ class WorkerMonitor:
         """Whether the initial listing is applied and the metrics feed is subscribed (False after stop)."""
         if self.static:
             return True
-        return not self._stopping.is_set() and self._etcd_ready.is_set() and self._nats_ready.is_set()
+        return (
+            not self._stopping.is_set()
+            and self._etcd_ready.is_set()
+            and self._nats_ready.is_set()
+            and self._zmq_ready.is_set()
+        )
 
     def _set_ready(self, event: threading.Event) -> None:
         # Readiness is waited on under the condition; set it there too.
@@ -506,16 +576,26 @@ class WorkerMonitor:
         alive = self._started and not self._stopped and all(t.is_alive() for t in self._threads)
         if self._forked_from is not None:
             alive = False
+        required = ["etcd"]
+        if self._nats_cfg is not None and self.nats_required:
+            required.append("nats")
+        if self._zmq_cfg is not None:
+            required.append("zmq")
         return Health(
             etcd=self._etcd_status.view(),
             nats=self._nats_status.view() if self._nats_cfg is not None or self.static else SourceHealth(
-                "nats", "idle", None, {}, "NATS disabled (nats_servers=None)"
+                "nats", "idle", None, {},
+                "NATS disabled (event_plane='zmq')" if self.event_plane == "zmq" else "NATS disabled (nats_servers=None)"
             ),
             reducer=reducer,
             members=members,
             busy=len(self._snapshot.busy),
             ready=self.ready,
             alive=alive or (self.static and self._started and not self._stopped),
+            zmq=self._zmq_status.view() if self._zmq_cfg is not None or self.static else SourceHealth(
+                "zmq", "idle", None, {}, "ZMQ disabled (event_plane='nats')"
+            ),
+            required=tuple(required) if not self.static else ("etcd", "nats"),
         )
 
     # --- writes ---------------------------------------------------------------
@@ -596,10 +676,25 @@ class WorkerMonitor:
     # --- the reducer thread ---------------------------------------------------
 
     def _sources(self) -> List[Any]:
-        return [s for s in (self._etcd, self._nats) if s is not None]
+        return [s for s in (self._etcd, self._nats, self._zmq) if s is not None]
 
     def _payload_sources(self) -> List[Any]:
-        return [s for s in (self._nats,) if s is not None]
+        return [s for s in (self._nats, self._zmq) if s is not None]
+
+    def _channel_watch(self, zmq_source: ZmqSource) -> Watched:
+        """The kv_metrics event channels under the namespace, for the ZMQ source."""
+        cfg = self._etcd_cfg
+        assert cfg is not None and self._zmq_cfg is not None
+        z = self._zmq_cfg
+        return Watched(
+            name="channel",
+            prefix=channel_prefix(z.namespace, z.component, z.endpoint),
+            parse=lambda k, v, lease: parse_channel(k, v, lease, cfg.max_card_bytes),
+            delete=lambda key: ChannelDelete(key=key),
+            listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
+            emit=zmq_source.channel_update,
+            backlogged=False,
+        )
 
     def _wake_reducer(self) -> None:
         # At most one wake-up waits in the queue, however many threads call

@@ -109,8 +109,12 @@ class NatsSource(threading.Thread):
         on_ready: Callable[[], None],
         status: SourceStatus,
         max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES,
+        report_feed: bool = True,
     ) -> None:
         super().__init__(name="workermon-nats", daemon=True)
+        # Whether NATS going down is the metrics feed going down (the outage
+        # policy); not when NATS is only a best effort beside ZMQ.
+        self._report_feed = report_feed
         self._cfg = cfg
         self._emit = emit
         self.backlog = backlog
@@ -155,7 +159,8 @@ class NatsSource(threading.Thread):
     # --- the thread -------------------------------------------------------------
 
     def _feed(self, up: bool) -> None:
-        self._emit(FeedStatus(up=up, at=self.status.clock()))
+        if self._report_feed:
+            self._emit(FeedStatus(up=up, at=self.status.clock()))
 
     def run(self) -> None:
         loop = asyncio.new_event_loop()

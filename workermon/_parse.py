@@ -11,17 +11,21 @@ where an integer is required while decoding, at the lowest cost measured
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Tuple, Union
+from typing import Annotated, List, Optional, Tuple, Union
 
 import msgspec
 
-from ._model import Card, CardPut, LoadReport, normalize_worker_id
+from ._model import Card, CardPut, ChannelPut, LoadReport, normalize_worker_id
 
 __all__ = [
     "DEFAULT_MAX_CARD_BYTES",
     "DEFAULT_MAX_LOAD_BYTES",
+    "KV_METRICS",
     "Malformed",
+    "channel_prefix",
     "parse_card",
+    "parse_channel",
+    "parse_zmq_frames",
     "parse_load",
     "parse_load_fields",
     "worker_id_from_key",
@@ -265,3 +269,148 @@ def parse_card(
             worker_type=kind,
         ),
     )
+
+
+# --- event channels (Dynamo 1.6, etcd) ------------------------------------------
+
+KV_METRICS = "kv_metrics"
+
+
+def path_segment(name: str) -> str:
+    """One path segment as Dynamo writes it: ``[A-Za-z0-9_-]`` kept, every other byte ``%XX``."""
+    out = []
+    for byte in name.encode("utf-8"):
+        ch = chr(byte)
+        out.append(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else f"%{byte:02X}")
+    return "".join(out)
+
+
+def channel_prefix(namespace: str, component: Optional[str] = None, endpoint: Optional[str] = None) -> str:
+    """The etcd prefix of the event channels of a namespace (narrowed to a component/endpoint)."""
+    prefix = f"v1/event_channels/namespace/{path_segment(namespace)}/"
+    if component is not None:
+        prefix += f"component/{path_segment(component)}/"
+        if endpoint is not None:
+            prefix += f"endpoint/{path_segment(endpoint)}/topic/{KV_METRICS}/"
+    return prefix
+
+
+class _ZmqConfig(msgspec.Struct):
+    endpoint: str
+
+
+class _Transport(msgspec.Struct):
+    kind: str
+    config: Optional[msgspec.Raw] = None
+
+
+class _ChannelDoc(msgspec.Struct):
+    topic: str
+    instance_id: int
+    transport: _Transport
+
+
+_json_channel = msgspec.json.Decoder(_ChannelDoc)
+_json_zmq_config = msgspec.json.Decoder(_ZmqConfig)
+
+
+def parse_channel(key: Union[bytes, str], value: bytes, lease: int,
+                  max_bytes: int = DEFAULT_MAX_CARD_BYTES) -> Optional[ChannelPut]:
+    """Parse one event-channel key/value/lease; None for a topic other than ``kv_metrics``.
+
+    Raises :class:`Malformed` for a ``kv_metrics`` channel that cannot be used.
+    """
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed("bad_key", "key is not UTF-8") from None
+    parts = key.rsplit("/", 3)
+    if len(parts) != 4 or parts[1] != "topic":
+        raise Malformed("bad_key", f"not an event channel key: {key[:200]!r}")
+    if parts[2] != KV_METRICS:
+        return None
+    if len(value) > max_bytes:
+        raise Malformed("oversized", f"{len(value)} bytes > {max_bytes}")
+    if not lease:
+        raise Malformed("bad_key", "an event channel without a lease names no worker")
+    try:
+        worker_id = normalize_worker_id(lease)
+        if not value.isascii():
+            value.decode("utf-8")
+        doc = _json_channel.decode(value)
+        publisher_id = normalize_worker_id(doc.instance_id)
+        endpoint: Optional[str] = None
+        if doc.transport.kind.lower() == "zmq":
+            if doc.transport.config is None:
+                raise Malformed("bad_field", "ZMQ transport without config")
+            endpoint = _json_zmq_config.decode(doc.transport.config).endpoint
+            if not endpoint.startswith("tcp://") or len(endpoint) > 300:
+                raise Malformed("bad_endpoint", f"not a tcp:// endpoint: {endpoint[:100]!r}")
+    except msgspec.ValidationError as exc:
+        raise Malformed("bad_field", str(exc)) from None
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise Malformed("bad_encoding", str(exc)) from None
+    except ValueError as exc:
+        raise Malformed("bad_field", str(exc)) from None
+    if doc.topic != KV_METRICS:
+        raise Malformed("bad_field", f"topic {doc.topic[:50]!r} disagrees with the key")
+    return ChannelPut(key=key, publisher_id=publisher_id, worker_id=worker_id, endpoint=endpoint)
+
+
+# --- ZMQ frames (Dynamo 1.6's event plane) ----------------------------------------
+
+
+class _ZmqEnvelope(msgspec.Struct):
+    publisher_id: int
+    sequence: int
+    topic: str
+    payload: bytes
+
+
+_msgpack_zmq_envelope = msgspec.msgpack.Decoder(_ZmqEnvelope)
+
+
+def parse_zmq_frames(frames: List[bytes], topic: bytes, max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> Tuple[int, int, bytes]:
+    """Validate one 4-frame event-plane message: ``(publisher_id, sequence, payload)``.
+
+    Frames: 0 the topic (equal to ``topic``), 1 the publisher id and 2 the
+    sequence (8 bytes big-endian each), 3 a version byte ``0x01``, a 4-byte
+    big-endian length N and N bytes of msgpack envelope whose publisher id,
+    sequence and topic must agree with the frames.  ``payload`` is the
+    envelope's ActiveLoad bytes.  Raises :class:`Malformed` (reasons:
+    ``bad_frame_count``, ``wrong_topic``, ``bad_publisher_id``,
+    ``bad_sequence``, ``bad_header``, ``bad_length``, ``oversized``,
+    ``bad_envelope``, ``identity_mismatch``).
+    """
+    if len(frames) != 4:
+        raise Malformed("bad_frame_count", f"{len(frames)} frames, 4 expected")
+    f0, f1, f2, f3 = frames
+    if f0 != topic:
+        raise Malformed("wrong_topic", f"topic frame {bytes(f0[:60])!r}")
+    if len(f1) != 8:
+        raise Malformed("bad_publisher_id", f"{len(f1)}-byte publisher id frame")
+    if len(f2) != 8:
+        raise Malformed("bad_sequence", f"{len(f2)}-byte sequence frame")
+    if len(f3) < 5 or f3[0] != 1:
+        raise Malformed("bad_header", "frame 3 does not start with version byte 0x01 and a length")
+    n = int.from_bytes(f3[1:5], "big")
+    if n != len(f3) - 5:
+        raise Malformed("bad_length", f"length {n} disagrees with the {len(f3) - 5} bytes that follow")
+    if n > max_bytes:
+        raise Malformed("oversized", f"{n} bytes > {max_bytes}")
+    publisher_id = int.from_bytes(f1, "big")
+    sequence = int.from_bytes(f2, "big")
+    try:
+        env = _msgpack_zmq_envelope.decode(f3[5:])
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        raise Malformed("bad_envelope", str(exc)) from None
+    # With a broker the topic frame is the full subject; the envelope may name either.
+    env_topic = env.topic.encode()
+    if env.publisher_id != publisher_id or env.sequence != sequence or (
+        env_topic != topic and env_topic != topic.rsplit(b".", 1)[-1]
+    ):
+        raise Malformed("identity_mismatch", "the envelope disagrees with the frames")
+    if not env.payload:
+        raise Malformed("bad_envelope", "empty payload")
+    return publisher_id, sequence, env.payload
