@@ -381,7 +381,9 @@ class NatsSource(threading.Thread):
         self.status.last_error = text
         if text != self._last_error_logged:
             self._last_error_logged = text
-            log.warning("NATS: %s; retrying", text)
+            # Beside ZMQ (event_plane="auto", NATS not asked for) NATS is a
+            # best effort: an absent server is normal there, not a warning.
+            log.log(logging.WARNING if self._report_feed else logging.INFO, "NATS: %s; retrying", text)
 
 
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:

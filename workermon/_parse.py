@@ -295,13 +295,13 @@ def channel_prefix(namespace: str, component: Optional[str] = None, endpoint: Op
     return prefix
 
 
-class _ZmqConfig(msgspec.Struct):
-    endpoint: str
+class _TransportConfig(msgspec.Struct):
+    endpoint: Optional[str] = None  # ZMQ; other transports' fields are skipped
 
 
 class _Transport(msgspec.Struct):
     kind: str
-    config: Optional[msgspec.Raw] = None
+    config: Optional[_TransportConfig] = None
 
 
 class _ChannelDoc(msgspec.Struct):
@@ -311,7 +311,6 @@ class _ChannelDoc(msgspec.Struct):
 
 
 _json_channel = msgspec.json.Decoder(_ChannelDoc)
-_json_zmq_config = msgspec.json.Decoder(_ZmqConfig)
 
 
 def parse_channel(key: Union[bytes, str], value: bytes, lease: int,
@@ -342,9 +341,9 @@ def parse_channel(key: Union[bytes, str], value: bytes, lease: int,
         publisher_id = normalize_worker_id(doc.instance_id)
         endpoint: Optional[str] = None
         if doc.transport.kind.lower() == "zmq":
-            if doc.transport.config is None:
-                raise Malformed("bad_field", "ZMQ transport without config")
-            endpoint = _json_zmq_config.decode(doc.transport.config).endpoint
+            endpoint = doc.transport.config.endpoint if doc.transport.config is not None else None
+            if endpoint is None:
+                raise Malformed("bad_field", "ZMQ transport without an endpoint")
             if not endpoint.startswith("tcp://") or len(endpoint) > 300:
                 raise Malformed("bad_endpoint", f"not a tcp:// endpoint: {endpoint[:100]!r}")
     except msgspec.ValidationError as exc:

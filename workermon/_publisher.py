@@ -3,8 +3,11 @@
 Dynamo has this only in Rust.  It grants an etcd lease (TTL 10 s, as Dynamo),
 keeps it alive from a daemon thread, writes the card at
 ``v1/mdc/{ns}/{component}/{endpoint}/{lease_hex}`` (Dynamo 0.7's wrapped form
-by default, 0.6's top-level form as an option), and publishes a load report on
-the load subject every time :meth:`WorkerPublisher.report` is called.
+by default, 0.6's top-level form or 1.6's form as options), and publishes a
+load report every time :meth:`WorkerPublisher.report` is called: on NATS, or
+with ``event_plane="zmq"`` as a Dynamo 1.6 worker does — from its own PUB
+socket, registered as a ``kv_metrics`` event channel under its lease, in
+4-frame messages.
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import threading
 import time
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
+import msgspec
+
 from ._etcd import EtcdConfig, endpoints_from, make_client
 from ._nats import check_nats_url, close_loop
+from ._parse import KV_METRICS, channel_prefix
 
 log = logging.getLogger(__name__)
 
 __all__ = ["WorkerPublisher"]
 
-CardFormat = Literal["wrapped", "toplevel"]
+CardFormat = Literal["wrapped", "toplevel", "1.6"]
 LoadFormat = Literal["load_event", "active_load"]
+PublisherPlane = Literal["nats", "zmq"]
 
 
 class WorkerPublisher:
@@ -42,15 +50,18 @@ class WorkerPublisher:
     def __init__(
         self,
         etcd_endpoints: Union[Sequence[str], str],
-        nats_servers: Union[Sequence[str], str],
+        nats_servers: Union[Sequence[str], str, None] = None,
         namespace: str = "dynamo",
         component: str = "backend",
         endpoint: str = "generate",
         *,
         total_kv_blocks: Optional[int] = 1024,
         lease_ttl: int = 10,
-        card_format: CardFormat = "wrapped",
+        card_format: Optional[CardFormat] = None,
         load_format: LoadFormat = "load_event",
+        event_plane: PublisherPlane = "nats",
+        zmq_host: str = "127.0.0.1",
+        worker_type: Optional[str] = None,
         display_name: str = "workermon/simulated",
         kv_cache_block_size: int = 16,
         max_num_seqs: int = 256,
@@ -67,8 +78,14 @@ class WorkerPublisher:
         nats_password: Optional[str] = None,
         nats_tls_ca: Optional[str] = None,
     ) -> None:
-        if card_format not in ("wrapped", "toplevel"):
-            raise ValueError(f"card_format must be 'wrapped' or 'toplevel', got {card_format!r}")
+        if event_plane not in ("nats", "zmq"):
+            raise ValueError(f"event_plane must be 'nats' or 'zmq', got {event_plane!r}")
+        if card_format is None:
+            card_format = "1.6" if event_plane == "zmq" else "wrapped"
+        if card_format not in ("wrapped", "toplevel", "1.6"):
+            raise ValueError(f"card_format must be 'wrapped', 'toplevel' or '1.6', got {card_format!r}")
+        if event_plane == "nats" and nats_servers is None:
+            raise ValueError("a NATS publisher needs nats_servers (or event_plane='zmq')")
         if load_format not in ("load_event", "active_load"):
             raise ValueError(f"load_format must be 'load_event' or 'active_load', got {load_format!r}")
         if lease_ttl < 1:
@@ -77,7 +94,18 @@ class WorkerPublisher:
             endpoints=endpoints_from(etcd_endpoints, None), prefix=f"v1/mdc/{namespace}/",
             user=etcd_user, password=etcd_password, ca_cert=etcd_ca_cert,
         )
-        self._servers = [check_nats_url(s) for s in endpoints_from(nats_servers, None)]
+        self._servers = [check_nats_url(s) for s in endpoints_from(nats_servers, None)] if nats_servers else []
+        self.event_plane: PublisherPlane = event_plane
+        self._zmq_host = zmq_host
+        self.worker_type = worker_type
+        # As a 1.6 worker: a random publisher id below 2**53, one sequence across ranks.
+        self.publisher_id = random.getrandbits(52) | (1 << 40)
+        self._sequence = 0
+        self._zmq_ctx: Any = None
+        self._zmq_sock: Any = None
+        self._zmq_lock = threading.Lock()
+        self._subscribed = False
+        self.zmq_endpoint: Optional[str] = None
         self.namespace, self.component, self.endpoint = namespace, component, endpoint
         self.total_kv_blocks = total_kv_blocks
         self.lease_ttl = lease_ttl
@@ -121,6 +149,22 @@ class WorkerPublisher:
     def key(self) -> str:
         return f"v1/mdc/{self.namespace}/{self.component}/{self.endpoint}/{self._lease_id:x}"
 
+    @property
+    def channel_key(self) -> str:
+        """Where a ZMQ publisher registers its ``kv_metrics`` event channel (Dynamo 1.6)."""
+        return (f"{channel_prefix(self.namespace, self.component, self.endpoint)}{self.publisher_id:x}")
+
+    def channel(self) -> Dict[str, Any]:
+        """The event channel's value, as a 1.6 worker writes it."""
+        return {
+            "type": "EventChannel",
+            "scope": {"kind": "endpoint", "endpoint": {
+                "namespace": self.namespace, "component": self.component, "name": self.endpoint}},
+            "topic": KV_METRICS,
+            "instance_id": self.publisher_id,
+            "transport": {"kind": "Zmq", "config": {"endpoint": self.zmq_endpoint}},
+        }
+
     def card(self) -> Dict[str, Any]:
         """The card as Dynamo writes it (0.7 wrapped or 0.6 top-level)."""
         f = self._card_fields
@@ -132,7 +176,7 @@ class WorkerPublisher:
             "reasoning_parser": None,
             "data_parallel_size": f["data_parallel_size"],
         }
-        if f["data_parallel_start_rank"]:
+        if f["data_parallel_start_rank"] or self.card_format == "1.6":
             runtime["data_parallel_start_rank"] = f["data_parallel_start_rank"]
         slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in f["display_name"])
         body = {
@@ -145,6 +189,8 @@ class WorkerPublisher:
             "model_input": "Tokens",
             "runtime_config": runtime,
         }
+        if self.card_format == "1.6":
+            body["worker_type"] = self.worker_type or "aggregated"
         if self.card_format == "toplevel":
             return body
         return {
@@ -166,8 +212,15 @@ class WorkerPublisher:
         num_requests_waiting: int = 0,
         extra: Optional[Dict[str, Any]] = None,
     ) -> bytes:
-        """One load report as Dynamo publishes it (LoadEvent ≤ 0.7, ActiveLoad 0.8)."""
+        """One load report as Dynamo publishes it (LoadEvent ≤ 0.7, ActiveLoad 0.8; 1.6: msgpack ActiveLoad)."""
         msg: Dict[str, Any]
+        if self.event_plane == "zmq":
+            # A 1.6 worker fills only kv_used_blocks.
+            body = {"worker_id": self._lease_id, "dp_rank": dp_rank, "active_decode_blocks": None,
+                    "active_prefill_tokens": active_prefill_tokens, "kv_used_blocks": active_blocks}
+            if extra:
+                body.update(extra)
+            return msgspec.msgpack.encode(body)
         if self.load_format == "load_event":
             total = self.total_kv_blocks or 0
             blocks = active_blocks or 0
@@ -202,17 +255,34 @@ class WorkerPublisher:
 
     # --- lifecycle -------------------------------------------------------------------
 
+    def zmq_frames(self, payload: bytes, published_at_ms: Optional[int] = None,
+                   sequence: Optional[int] = None) -> List[bytes]:
+        """The 4 frames a 1.6 worker sends for one payload (topic, publisher id, sequence, envelope)."""
+        seq = self._sequence if sequence is None else sequence
+        envelope = msgspec.msgpack.encode({
+            "publisher_id": self.publisher_id,
+            "sequence": seq,
+            "published_at": int(time.time() * 1000) if published_at_ms is None else published_at_ms,
+            "topic": KV_METRICS,
+            "payload": payload,
+        })
+        return [KV_METRICS.encode(), self.publisher_id.to_bytes(8, "big"), seq.to_bytes(8, "big"),
+                b"\x01" + len(envelope).to_bytes(4, "big") + envelope]
+
     def start(self, timeout: float = 10.0) -> "WorkerPublisher":
-        """Register the card under a new lease and connect to NATS."""
+        """Register the card under a new lease and connect to NATS (or bind the ZMQ socket)."""
         if self._keepalive is not None:
             raise RuntimeError("WorkerPublisher already started")
         self._client = make_client(self._etcd_cfg, self._etcd_cfg.endpoints[0])
         try:
+            if self.event_plane == "zmq":
+                self._bind_zmq()
             self._register()
         except BaseException:
             self.stop(revoke=False)
             raise
-        self._start_loop(timeout)
+        if self.event_plane == "nats":
+            self._start_loop(timeout)
         self._keepalive = threading.Thread(target=self._keep_alive, name="workermon-publisher-lease", daemon=True)
         self._keepalive.start()
         return self
@@ -232,6 +302,13 @@ class WorkerPublisher:
             loop.call_soon_threadsafe(loop.stop)
         if self._loop_thread is not None:
             self._loop_thread.join(timeout)
+        with self._zmq_lock:
+            if self._zmq_sock is not None:
+                self._zmq_sock.close(linger=0)
+                self._zmq_sock = None
+            if self._zmq_ctx is not None:
+                self._zmq_ctx.term()
+                self._zmq_ctx = None
         if self._client is not None:
             if revoke and self._lease_id:
                 try:
@@ -267,14 +344,61 @@ class WorkerPublisher:
         self.publish_raw(payload)
 
     def publish_raw(self, payload: bytes, subject: Optional[str] = None) -> None:
-        """Publish bytes on the load subject as they are (for tests and benchmarks)."""
+        """Publish bytes on the load subject (ZMQ: in the 4 frames) as they are (for tests and benchmarks)."""
+        if self.event_plane == "zmq":
+            self.send_frames(self.zmq_frames(payload))
+            return
         loop = self._loop
         if loop is None or self._nc is None:
             raise RuntimeError("WorkerPublisher is not started")
         loop.call_soon_threadsafe(self._publish_now, subject or self.subject, payload)
 
+    def send_frames(self, frames: List[bytes]) -> None:
+        """Send one multipart message on the ZMQ socket as it is (any thread; never blocks)."""
+        import zmq
+
+        with self._zmq_lock:
+            if self._zmq_sock is None:
+                raise RuntimeError("WorkerPublisher is not started")
+            self._zmq_sock.send_multipart(frames, zmq.NOBLOCK)
+            self._sequence += 1
+            self.published += 1
+
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        """ZMQ only: True once a subscriber to ``kv_metrics`` is connected.
+
+        A 1.6 PUB socket drops what it sends before a subscriber's connection
+        is complete ("slow joiner"); this socket is an XPUB (the same wire for
+        subscribers), which hears each subscription, so a caller can wait.
+        """
+        import zmq
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._zmq_lock:
+                if self._zmq_sock is None:
+                    raise RuntimeError("WorkerPublisher is not started")
+                if self._subscribed:
+                    return True
+                if self._zmq_sock.poll(0, zmq.POLLIN):
+                    msg = self._zmq_sock.recv()
+                    if msg[:1] == b"\x01" and KV_METRICS.encode().startswith(msg[1:]):
+                        self._subscribed = True
+                    continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._zmq_lock:
+                sock = self._zmq_sock
+            if sock is None:
+                return False
+            # Wait for the next subscription message outside the lock (reports go on).
+            self._stopping.wait(min(left, 0.02))
+
     def flush(self, timeout: float = 5.0) -> None:
-        """Block until NATS has received everything published so far."""
+        """Block until NATS has received everything published so far (ZMQ: nothing to wait for)."""
+        if self.event_plane == "zmq":
+            return
         loop, nc = self._loop, self._nc
         if loop is None or nc is None:
             raise RuntimeError("WorkerPublisher is not started")
@@ -287,11 +411,25 @@ class WorkerPublisher:
 
     # --- internals -----------------------------------------------------------------------
 
+    def _bind_zmq(self) -> None:
+        import zmq
+
+        self._zmq_ctx = zmq.Context()
+        sock = self._zmq_ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.bind(f"tcp://{self._zmq_host}:*")
+        self._zmq_sock = sock
+        self._subscribed = False
+        self.zmq_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
     def _register(self) -> None:
         lease = self._client.lease(self.lease_ttl)
         with self._lock:
             self._lease_id = lease.id
         self._client.put(self.key, json.dumps(self.card(), separators=(",", ":")), lease=lease.id)
+        if self.event_plane == "zmq":
+            self._client.put(self.channel_key, json.dumps(self.channel(), separators=(",", ":")), lease=lease.id)
 
     def _start_loop(self, timeout: float) -> None:
         import nats
