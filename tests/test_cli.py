@@ -60,8 +60,8 @@ def started_resources(text: str) -> List[Tuple[int, str]]:
     return out
 
 
-def assert_cleaned_up(resources: List[Tuple[int, str]]) -> None:
-    assert len(resources) == 2, resources
+def assert_cleaned_up(resources: List[Tuple[int, str]], servers: int = 2) -> None:
+    assert len(resources) == servers, resources
     for pid, directory in resources:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -76,6 +76,31 @@ def test_demo_runs_and_cleans_up() -> None:
     assert "4 workers" in res.stdout
     assert "demo done:" in res.stdout
     assert_cleaned_up(started_resources(res.stdout))
+
+
+def test_demo_over_the_zmq_event_plane() -> None:
+    res = run("demo", "--workers", "3", "--duration", "6", "--plain", "--seed", "7", "--event-plane", "zmq")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "ZMQ event plane" in res.stdout and "nats-server" not in res.stdout
+    assert "+busy" in res.stdout and "-free" in res.stdout, res.stdout
+    assert_cleaned_up(started_resources(res.stdout), servers=1)  # etcd only
+
+
+def test_watch_over_zmq_with_only_etcd(etcd_server: EtcdServer, namespace: str) -> None:
+    pub = WorkerPublisher([etcd_server.url], namespace=namespace, total_kv_blocks=100, event_plane="zmq").start()
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_SERVER", "DYN_EVENT_PLANE")}
+    proc = subprocess.Popen(CMD + ["watch", "--etcd", etcd_server.url, "--namespace", namespace, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert pub.wait_subscribed(20)
+        pub.report(99)
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert json.loads(line)["became_busy"] == [pub.worker_id]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        pub.stop()
 
 
 def test_demo_json_only_changes_on_stdout() -> None:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO
 
 from . import __version__
 from ._model import BusyChange, WorkerLoadState
-from ._monitor import WorkerMonitor
+from ._monitor import FROM_ENV, WorkerMonitor
 
 log = logging.getLogger("workermon.cli")
 
@@ -184,6 +184,9 @@ def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float, etcd: Sequence[st
     if h.etcd.state != "connected":
         raise UserError(f"cannot reach etcd at {', '.join(etcd)} within {timeout:g} s"
                         + (f" ({h.etcd.last_error})" if h.etcd.last_error else ""))
+    if "zmq" in h.required and h.zmq.state != "connected":
+        raise UserError(f"the ZMQ event plane did not come up within {timeout:g} s"
+                        + (f" ({h.zmq.last_error})" if h.zmq.last_error else ""))
     raise UserError(f"cannot reach NATS at {', '.join(nats)} within {timeout:g} s"
                     + (f" ({h.nats.last_error})" if h.nats.last_error else ""))
 
@@ -192,8 +195,12 @@ def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
     etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
     nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
     try:
-        mon = WorkerMonitor(etcd, nats, namespace=args.namespace, busy_threshold=args.busy_threshold,
-                            component=args.component, endpoint=args.endpoint)
+        # Without --nats the monitor reads $NATS_SERVER itself: NATS is then
+        # required only when the environment names it (or --event-plane nats).
+        mon = WorkerMonitor(etcd, args.nats if args.nats else FROM_ENV, namespace=args.namespace,
+                            busy_threshold=args.busy_threshold, component=args.component,
+                            endpoint=args.endpoint, event_plane=args.event_plane,
+                            zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     view = View(mon, sys.stdout, args.json, args.plain, args.interval or (5.0 if args.plain else 1.0))
@@ -227,30 +234,41 @@ def cmd_demo(args: argparse.Namespace, stopping: threading.Event) -> int:
     def say(text: str) -> None:
         print(text, file=say_to, flush=True)
 
+    zmq = args.event_plane == "zmq"
     try:
         try:
             etcd = EtcdServer()
             servers.append(etcd)
             etcd.start()
-            nats = NatsServer()
-            servers.append(nats)
-            nats.start()
+            if not zmq:
+                nats = NatsServer()
+                servers.append(nats)
+                nats.start()
         except ServerError as exc:
             raise UserError(str(exc)) from None
-        assert etcd.proc is not None and nats.proc is not None
+        assert etcd.proc is not None
         say(f"started etcd {etcd.url} (pid {etcd.proc.pid}, dir {etcd.workdir})")
-        say(f"started nats-server {nats.url} (pid {nats.proc.pid}, dir {nats.workdir})")
+        nats_urls: List[str] = []
+        if not zmq:
+            assert nats.proc is not None
+            nats_urls = [nats.url]
+            say(f"started nats-server {nats.url} (pid {nats.proc.pid}, dir {nats.workdir})")
         total = 1000
         for i in range(args.workers):
-            pub = WorkerPublisher([etcd.url], [nats.url], namespace="dynamo", total_kv_blocks=total,
-                                  display_name="demo/simulated-model")
+            pub = WorkerPublisher([etcd.url], nats_urls or None, namespace="dynamo", total_kv_blocks=total,
+                                  display_name="demo/simulated-model", event_plane=args.event_plane)
             publishers.append(pub.start())
-        say(f"registered {args.workers} simulated workers (total_kv_blocks={total}, lease TTL 10 s)")
-        mon = WorkerMonitor([etcd.url], [nats.url], namespace="dynamo", busy_threshold=args.busy_threshold)
+        plane = "ZMQ event plane, as Dynamo 1.6" if zmq else "NATS"
+        say(f"registered {args.workers} simulated workers (total_kv_blocks={total}, lease TTL 10 s, {plane})")
+        mon = WorkerMonitor([etcd.url], nats_urls or None, namespace="dynamo", busy_threshold=args.busy_threshold,
+                            event_plane=args.event_plane)
         view = View(mon, out, args.json, args.plain, args.interval or (1.0 if not args.plain else 2.0))
         view.attach()
         mon.start()
-        _wait_ready_or_explain(mon, 10.0, [etcd.url], [nats.url])
+        _wait_ready_or_explain(mon, 10.0, [etcd.url], nats_urls)
+        for pub in publishers if zmq else ():
+            # No replay on ZMQ: start reporting once the monitor is connected.
+            pub.wait_subscribed(10.0)
 
         # Each worker's load rises and falls on its own period and phase, so
         # workers cross the threshold both ways within a few seconds.
@@ -309,9 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--endpoint", default=None, help="only this endpoint's workers (needs --component)")
     w.add_argument("--connect-timeout", type=_positive, default=5.0, metavar="S",
                    help="give up when etcd or NATS is unreachable for S seconds at start (default 5)")
+    w.add_argument("--event-plane", choices=("auto", "nats", "zmq"),
+                   default=os.environ.get("DYN_EVENT_PLANE", "auto").strip().lower() or "auto",
+                   help="where load reports come from (default $DYN_EVENT_PLANE, else auto: ZMQ channels "
+                        "found in etcd and NATS where reachable)")
+    w.add_argument("--zmq-broker-url", default=None, metavar="URL",
+                   help="ZMQ broker mode: 'xsub=…, xpub=tcp://h:p;…' (default $DYN_ZMQ_BROKER_URL)")
     _add_view_args(w)
     d = sub.add_parser("demo", help="start local etcd + NATS, simulated workers and a monitor")
     d.add_argument("--workers", type=int, default=4, metavar="N", help="simulated workers (default 4)")
+    d.add_argument("--event-plane", choices=("nats", "zmq"), default="nats",
+                   help="simulated workers report over NATS (default) or, as Dynamo 1.6, over ZMQ (no NATS started)")
     d.add_argument("--seed", type=int, default=None, help="random seed for the load pattern")
     _add_view_args(d)
     return parser
