@@ -28,9 +28,14 @@ def version_tuple(version: str) -> Tuple[int, ...]:
 
 
 class DynamoFleet:
-    def __init__(self, python: str, version: str, etcd_url: str, nats_url: str, *, workers: int = 3,
+    def __init__(self, python: str, version: str, etcd_url: str, nats_url: Optional[str], *, workers: int = 3,
                  blocks: int = 64, busy_threshold: float = 0.5, max_num_seqs: int = 8,
-                 speedup: float = 1.0, workdir: Optional[str] = None) -> None:
+                 speedup: float = 1.0, workdir: Optional[str] = None, event_plane: Optional[str] = "nats",
+                 worker_args: Tuple[str, ...] = (), frontend_args: Tuple[str, ...] = ()) -> None:
+        # event_plane=None leaves the release's default (1.6: ZMQ); nats_url=None starts no NATS at all.
+        self.event_plane = event_plane
+        self.worker_args = worker_args
+        self.frontend_args = frontend_args
         self.python = python
         self.version = version
         self.v = version_tuple(version)
@@ -52,15 +57,17 @@ class DynamoFleet:
         return str(self.model)
 
     def env(self) -> Dict[str, str]:
-        env = dict(os.environ)
-        env.update(ETCD_ENDPOINTS=self.etcd_url, NATS_SERVER=self.nats_url, HF_HUB_OFFLINE="1",
-                   DYN_LOG="warn", RUST_LOG="warn")
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_REQUEST_PLANE")}
+        env.update(ETCD_ENDPOINTS=self.etcd_url, HF_HUB_OFFLINE="1", DYN_LOG="warn", RUST_LOG="warn")
+        if self.nats_url is not None:
+            env["NATS_SERVER"] = self.nats_url
         if self.v >= (0, 8):
             env.update(DYN_TCP_RPC_HOST="127.0.0.1", DYN_EVENT_PLANE_HOST="127.0.0.1",
                        DYN_TCP_RESPONSE_STREAM_HOST="127.0.0.1")
-        if self.v >= (0, 8):
-            env["DYN_EVENT_PLANE"] = "nats"
-        if self.v >= (0, 8):
+        if self.v >= (0, 8) and self.event_plane is not None:
+            env["DYN_EVENT_PLANE"] = self.event_plane
+        if self.v >= (0, 8) and self.nats_url is not None:
             # From 0.8 the frontend connects to NATS only for a NATS request
             # plane (or KV routing with events); without NATS its own busy
             # detection fails silently and it never answers 503.
@@ -78,6 +85,7 @@ class DynamoFleet:
                 "--speedup-ratio", str(self.speedup)]
         if self.v >= (0, 8):
             args += ["--model-name", self.model_name]
+        args += list(self.worker_args)
         proc = self._spawn(args, f"mocker-{index}.log")
         self.mockers.append(proc)
         return proc
@@ -88,7 +96,7 @@ class DynamoFleet:
         # 0.8 renamed --busy-threshold to --active-decode-blocks-threshold (same meaning).
         flag = "--busy-threshold" if self.v < (0, 8) else "--active-decode-blocks-threshold"
         args = ["dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
-                flag, str(self.busy_threshold)]
+                flag, str(self.busy_threshold), *self.frontend_args]
         self.frontend = self._spawn(args, "frontend.log")
 
     def logs(self) -> str:

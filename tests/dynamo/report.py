@@ -17,10 +17,14 @@ def main(path: str) -> int:
     for line in p.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            latest[row["release"]] = row
+            latest[row.get("label", row["release"])] = row
     print("| release | format | members & totals | last published values | frontend rejects ⇒ all busy | free ⇒ frontend accepts | SIGKILL → removed after | run |")
     print("|---|---|---|---|---|---|---|---|")
-    for rel in sorted(latest, key=lambda r: tuple(int(x) for x in r.split("."))):
+    def order(label: str) -> tuple:
+        release, _, mode = label.partition(" ")
+        return tuple(int(x) for x in release.split(".")), mode
+
+    for rel in sorted(latest, key=order):
         r = latest[rel]
         ok = lambda b: "✅" if b else "❌"  # noqa: E731
         kill = f"✅ {r['kill_removed']} s" if r["kill_removed"] else "❌"

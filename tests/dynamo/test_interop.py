@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import msgspec
 import pytest
@@ -58,7 +58,7 @@ class LastPublished:
 
     def __init__(self, nats_url: str, subject: str) -> None:
         self.sub = RawNatsSubscriber(nats_url, subject)
-        self.last: Dict[int, int] = {}
+        self.last: Dict[Tuple[int, int], int] = {}
         self.count = 0
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="interop-subscriber")
@@ -82,8 +82,12 @@ class LastPublished:
                 value = doc["data"]["kv_stats"]["kv_active_blocks"]
             if value is not None:
                 with self.lock:
-                    self.last[wid] = value
+                    self.last[(wid, 0)] = value
                     self.count += 1
+
+    def snapshot(self) -> Dict[Tuple[int, int], int]:
+        with self.lock:
+            return dict(self.last)
 
     def close(self) -> None:
         try:
@@ -122,8 +126,50 @@ def test_release_interop(release: str, servers: tuple) -> None:
                if version_tuple(release) >= (1, 6) else "namespace.dynamo.kv_metrics")
     published = LastPublished(nats.url, subject)
     mon = WorkerMonitor([etcd.url], [nats.url], namespace="dynamo", busy_threshold=THRESHOLD)
-    result: Dict[str, object] = {"format": "", "members": False, "totals": False, "last_values": False,
-                                 "agrees_503": False, "agrees_free": False, "kill_removed": False}
+    try:
+        _check_fleet(release, release, _format_of(release), etcd, fleet, mon, published.snapshot)
+    finally:
+        published.close()
+
+
+ZMQ_MODES = {
+    # label: (mocker args, frontend args)
+    "zmq": ((), ()),
+    "zmq, dp2": (("--data-parallel-size", "2"), ()),
+    "zmq, kv router": ((), ("--router-mode", "kv")),
+}
+
+
+@pytest.mark.parametrize("mode", list(ZMQ_MODES))
+def test_release_interop_zmq_defaults(release: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1.6 with its defaults: no DYN_EVENT_PLANE, no NATS server anywhere; workermon gets only etcd."""
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    if version_tuple(release) < (1, 6):
+        pytest.skip("the ZMQ event plane is Dynamo 1.6's")
+    python = _python_for(release)
+    worker_args, frontend_args = ZMQ_MODES[mode]
+    with EtcdServer() as etcd:
+        fleet = DynamoFleet(python, release, etcd.url, None, blocks=BLOCKS, busy_threshold=THRESHOLD,
+                            event_plane=None, worker_args=worker_args, frontend_args=frontend_args)
+        # Nothing but the etcd endpoints (and the frontend's threshold).
+        mon = WorkerMonitor(etcd_endpoints=[etcd.url], busy_threshold=THRESHOLD)
+        published = ZmqLastPublished(etcd.url)
+        try:
+            fmt = f"card_json card; ZMQ event plane (4 frames){', dp 2' if 'dp2' in mode else ''}" + (
+                ", --router-mode kv" if "kv" in mode else "")
+            _check_fleet(release, f"{release} ({mode})", fmt, etcd, fleet, mon, published.snapshot,
+                         before_load=published.follow)
+        finally:
+            published.close()
+
+
+def _check_fleet(release: str, label: str, fmt: str, etcd: EtcdServer, fleet: DynamoFleet, mon: WorkerMonitor,
+                 last_published: Callable[[], Dict[Tuple[int, int], int]],
+                 before_load: Optional[Callable[[], None]] = None) -> None:
+    result: Dict[str, object] = {"label": label, "format": "", "members": False, "totals": False,
+                                 "last_values": False, "agrees_503": False, "agrees_free": False,
+                                 "kill_removed": False}
     fleet.start()
     mon.start()
     try:
@@ -142,6 +188,8 @@ def test_release_interop(release: str, servers: tuple) -> None:
         result["members"] = True
         assert {s.kv_total_blocks for s in mon.load_states().values()} == {BLOCKS}
         result["totals"] = True
+        if before_load is not None:
+            before_load()
 
         # Warm-up: one small request per worker (0.6.1 idles a core until then).
         for _ in range(fleet.workers):
@@ -155,6 +203,7 @@ def test_release_interop(release: str, servers: tuple) -> None:
         # Drive load until the frontend answers 503 because every worker is busy.
         saw_503 = threading.Event()
         statuses: List[int] = []
+        seen_at_reject: List[object] = []
 
         def one(i: int) -> None:
             if saw_503.is_set():
@@ -165,13 +214,17 @@ def test_release_interop(release: str, servers: tuple) -> None:
             if (status == 503 and "busy" in body.lower()) or (status == 529 and "overloaded" in body.lower()):
                 saw_503.set()
                 # At the moment the frontend refuses, workermon must say all are busy.
-                agree = mon.wait_for(lambda: mon.busy_workers() == mon.members() and bool(mon.members()), 2.0)
+                agree = mon.wait_for(lambda: not mon.free_workers() and bool(mon.members()), 2.0)
                 result["agrees_503"] = agree
+                if not agree:
+                    seen_at_reject.append(({w: (dict(st.kv_active_blocks), st.busy_ranks, st.data_parallel_size)
+                                            for w, st in mon.load_states().items()}, mon.health().reducer,
+                                           last_published()))
 
         with ThreadPoolExecutor(max_workers=24) as pool:
             list(pool.map(one, range(120)))
         assert saw_503.is_set(), f"no all-busy rejection from the frontend; statuses {sorted(set(statuses))}"
-        assert result["agrees_503"], "frontend said all busy, workermon did not"
+        assert result["agrees_503"], f"frontend said all busy, workermon did not: {seen_at_reject}"
 
         # Load drains: workermon reports free workers, and then the frontend accepts again.
         assert mon.wait_for(lambda: mon.busy_workers() == frozenset(), 120)
@@ -179,14 +232,13 @@ def test_release_interop(release: str, servers: tuple) -> None:
         assert status == 200
         result["agrees_free"] = True
 
-        # Each worker's active blocks equal the last value it published.
-        with published.lock:
-            last = dict(published.last)
+        # Each worker's (and rank's) active blocks equal the last value it published.
+        last = last_published()
         states = mon.load_states()
-        assert last and set(last) <= set(states)
-        assert {w: states[w].kv_active_blocks.get(0) for w in last} == last
+        assert last and {w for w, _ in last} <= set(states)
+        assert {(w, r): states[w].kv_active_blocks.get(r) for w, r in last} == last
         result["last_values"] = True
-        result["format"] = _format_of(release)
+        result["format"] = fmt
 
         # SIGKILL one worker: it leaves workermon's view within its lease TTL + 1 s.
         ttl = 30.0 if version_tuple(release) >= (1, 6) else 10.0
@@ -199,8 +251,62 @@ def test_release_interop(release: str, servers: tuple) -> None:
     finally:
         _record(release, result)
         mon.stop()
-        published.close()
         fleet.stop()
+
+
+class ZmqLastPublished:
+    """Each (worker, rank)'s last published kv_used_blocks, read off the workers' own ZMQ sockets
+    by a plain pyzmq subscriber (frames decoded by hand, independently of workermon)."""
+
+    def __init__(self, etcd_url: str) -> None:
+        import zmq
+
+        self.etcd_url = etcd_url
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"kv_metrics")
+        self.sub.setsockopt(zmq.RCVTIMEO, 200)
+        self.last: Dict[Tuple[int, int], int] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def follow(self) -> None:
+        client = etcd_client(self.etcd_url)
+        try:
+            for value, meta in client.get_prefix("v1/event_channels/namespace/dynamo/"):
+                doc = json.loads(value)
+                if doc["topic"] == "kv_metrics":
+                    self.sub.connect(doc["transport"]["config"]["endpoint"])
+        finally:
+            client.close()
+        self.thread = threading.Thread(target=self._run, name="interop-zmq-subscriber")
+        self.thread.start()
+
+    def _run(self) -> None:
+        import zmq
+
+        while not self.done.is_set():
+            try:
+                frames = self.sub.recv_multipart()
+            except zmq.Again:
+                continue
+            env = msgspec.msgpack.decode(frames[3][5:])
+            doc = msgspec.msgpack.decode(env["payload"])
+            if doc.get("kv_used_blocks") is not None:
+                with self.lock:
+                    self.last[(doc["worker_id"], doc.get("dp_rank") or 0)] = doc["kv_used_blocks"]
+
+    def snapshot(self) -> Dict[Tuple[int, int], int]:
+        with self.lock:
+            return dict(self.last)
+
+    def close(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        self.sub.close(linger=0)
+        self.ctx.term()
 
 
 def _format_of(release: str) -> str:
