@@ -199,3 +199,29 @@ def test_reducer_invariants(batches: List[List[Any]], threshold: float, prefill:
             seen_busy = set(change.busy)
         else:
             assert s.busy == seen_busy
+
+
+# --- ZMQ frames: any bytes are a Malformed or a valid message, never anything else ---------
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_zmq_frames_never_raise_anything_but_malformed(frames: List[bytes]) -> None:
+    from workermon._parse import parse_zmq_frames
+
+    try:
+        pid, seq, payload = parse_zmq_frames(frames, b"kv_metrics")
+    except Malformed:
+        return
+    assert 0 <= pid < 2**64 and 0 <= seq < 2**64 and payload
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 2**64 - 1))
+def test_event_channel_values_never_raise_anything_but_malformed(value: bytes, lease: int) -> None:
+    from workermon._parse import parse_channel
+
+    key = "v1/event_channels/namespace/d/component/c/endpoint/e/topic/kv_metrics/1f"
+    try:
+        parse_channel(key, value, lease)
+    except Malformed:
+        pass

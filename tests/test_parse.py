@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import msgspec
 import pytest
@@ -251,3 +251,66 @@ def test_card_size_limit_and_key_fallbacks() -> None:
             worker_id_from_key(key, 0)
     with pytest.raises(Malformed):
         parse_card(b"v1/mdc/\xff/a", b"{}", lease=5)
+
+
+# --- Dynamo 1.6.1 captures: data-parallel cards and reports, KV-router mode ------------------
+
+
+def _jsonl(name: str) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in (SAMPLES / name).read_text().splitlines() if line.strip()]
+
+
+def test_real_dp2_cards_declare_two_ranks() -> None:
+    dump = json.loads((SAMPLES / "1.6.1-dp2-etcd.json").read_text())
+    cards = [e for e in dump["keys"] if e["key"].startswith("v1/mdc/")]
+    assert len(cards) == 2
+    for e in cards:
+        put = parse_card(e["key"], json.dumps(e["value"]).encode(), e["lease_dec"])
+        assert put.worker_id == e["lease_dec"]
+        assert (put.card.data_parallel_start_rank, put.card.data_parallel_size) == (0, 2)
+        assert put.card.total_kv_blocks == 256 and put.card.worker_type == e["value"]["card_json"]["worker_type"]
+
+
+def test_real_dp2_reports_and_the_frontend_rule() -> None:
+    from workermon._reduce import FleetState, apply_all
+    from workermon._model import Thresholds
+
+    dump = json.loads((SAMPLES / "1.6.1-dp2-etcd.json").read_text())
+    puts = [parse_card(e["key"], json.dumps(e["value"]).encode(), e["lease_dec"])
+            for e in dump["keys"] if e["key"].startswith("v1/mdc/")]
+    reports = []
+    for m in _jsonl("1.6.1-dp2-kv_metrics.jsonl"):
+        env = dict(m["decoded"])
+        env["payload"] = msgspec.msgpack.encode(env["payload"])
+        r = parse_load(msgspec.msgpack.encode(env))
+        assert r.worker_id == m["decoded"]["payload"]["worker_id"]
+        assert r.dp_rank == m["decoded"]["payload"]["dp_rank"]
+        assert r.kv_active_blocks == m["decoded"]["payload"]["kv_used_blocks"]
+        reports.append(r)
+    assert {r.dp_rank for r in reports} == {0, 1}
+    # The probe of DYNAMO-1.6 §2 (threshold 0.5 of 256): rank 1 at 200 with rank 0 never
+    # reported → free; both at 200 → busy; rank 0 at 10, rank 1 at 200 → free.
+    wid = puts[0].worker_id
+    s = FleetState(Thresholds(busy_threshold=0.5))
+    apply_all(s, puts + [LoadReport(wid, 1, 200)], 0.0)
+    assert not s.is_busy(wid)
+    apply_all(s, [LoadReport(wid, 0, 200)], 0.0)
+    assert s.is_busy(wid)
+    apply_all(s, [LoadReport(wid, 0, 10)], 0.0)
+    assert not s.is_busy(wid)
+
+
+def test_real_kv_router_mode_reports_parse() -> None:
+    msgs = _jsonl("1.6.1-kvmode-nats-kv_metrics.jsonl")
+    assert msgs
+    for m in msgs:
+        if "hex" in m:
+            raw = bytes.fromhex(m["hex"])
+        else:  # (some lines keep only the decoded form)
+            env = dict(m["decoded"])
+            env["payload"] = msgspec.msgpack.encode(env["payload"])
+            raw = msgspec.msgpack.encode(env)
+        r = parse_load(raw)
+        p = m["decoded"]["payload"]
+        assert (r.worker_id, r.dp_rank, r.kv_active_blocks, r.active_decode_blocks) == (
+            p["worker_id"], p["dp_rank"], p["kv_used_blocks"], p["active_decode_blocks"])
