@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 
 from ._health import Health, SourceHealth
-from ._model import BusyChange, Thresholds, WorkerLoadState
+from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, WorkerMonitor
+from ._picker import Reservation
 from ._publisher import WorkerPublisher
 
 __all__ = [
     "BusyChange",
     "CallbackHandle",
+    "Explanation",
     "Health",
+    "RankExplanation",
+    "Reservation",
     "SourceHealth",
     "Thresholds",
     "WorkerLoadState",
@@ -21,6 +25,6 @@ __all__ = [
     "__version__",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

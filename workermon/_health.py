@@ -47,6 +47,9 @@ class Health:
     alive: bool
     zmq: SourceHealth = attrs.field(factory=_idle_zmq)
     required: Tuple[str, ...] = ("etcd", "nats")
+    # select()/reserve(): reserved, released, expired, rejected (None returned),
+    # selected; in_flight and booked_blocks are gauges.
+    picker: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:

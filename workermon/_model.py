@@ -21,8 +21,10 @@ __all__ = [
     "ChannelDelete",
     "ChannelListing",
     "ChannelPut",
+    "Explanation",
     "FeedStatus",
     "LoadReport",
+    "RankExplanation",
     "Thresholds",
     "WorkerLoadState",
     "normalize_worker_id",
@@ -272,3 +274,54 @@ class FeedStatus:
 
 
 Update = Union[CardPut, CardDelete, CardListing, LoadReport, FeedStatus]
+
+
+@attrs.frozen
+class RankExplanation:
+    """One declared rank in :class:`Explanation`: its values and what each was held against."""
+
+    rank: int
+    reported: bool
+    kv_used_blocks: Optional[int]
+    active_decode_blocks: Optional[int]
+    active_prefill_tokens: Optional[int]
+    kv_total_blocks: Optional[int]
+    kv_limit: Optional[float]  # busy_threshold × total (recover_threshold × total while held over)
+    busy: bool
+    stale: bool
+    report_age: Optional[float]
+    booked_blocks: int
+    why: str
+
+
+@attrs.frozen
+class Explanation:
+    """Why a worker is (or is not) busy right now: see :meth:`WorkerMonitor.why`."""
+
+    worker_id: int
+    member: bool
+    busy: bool
+    ranks: Tuple[RankExplanation, ...]
+    thresholds: Thresholds
+    outage_policy: str
+    outage_active: bool
+    bookings_in_flight: int
+    summary: str
+
+    def __str__(self) -> str:
+        lines = [f"worker {self.worker_id:x}: {self.summary}"]
+        for r in self.ranks:
+            lines.append(f"  rank {r.rank}: {r.why}")
+        th = self.thresholds
+        rule = "KV rule off" if th.busy_threshold is None else f"busy_threshold {th.busy_threshold:g}"
+        if th.recover_threshold is not None:
+            rule += f", recover_threshold {th.recover_threshold:g}"
+        if th.prefill_tokens_threshold is not None:
+            rule += f", prefill_tokens_threshold {th.prefill_tokens_threshold}"
+        if th.prefill_tokens_threshold_frac is not None:
+            rule += f", prefill_tokens_threshold_frac {th.prefill_tokens_threshold_frac:g}"
+        if th.metrics_ttl is not None:
+            rule += f", metrics_ttl {th.metrics_ttl:g} s ({th.stale_policy})"
+        outage = f"outage policy {self.outage_policy!r}" + (" (in force now)" if self.outage_active else "")
+        lines.append(f"  rule: {rule}; {outage}; {self.bookings_in_flight} reservation(s) in flight")
+        return "\n".join(lines)

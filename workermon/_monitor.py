@@ -20,6 +20,7 @@ from collections import deque
 from typing import (
     Any,
     Callable,
+    Collection,
     Deque,
     Dict,
     List,
@@ -41,6 +42,7 @@ from ._model import (
     ChannelDelete,
     ChannelListing,
     EventPlane,
+    Explanation,
     OutagePolicy,
     StalePolicy,
     Thresholds,
@@ -55,6 +57,7 @@ from ._parse import (
     parse_channel,
     parse_load_fields,
 )
+from ._picker import Picker, Reservation, Strategy
 from ._queue import Backlog, PayloadBatch
 from ._reduce import FleetState, Limits
 from ._zmq import ZmqConfig, ZmqSource, parse_broker_url
@@ -100,13 +103,14 @@ class _Snapshot:
     O(busy) rather than O(fleet); racing first readers compute the same value.
     """
 
-    __slots__ = ("busy", "members", "version", "_free")
+    __slots__ = ("busy", "members", "version", "_free", "_free_order")
 
     def __init__(self, busy: frozenset[int], members: frozenset[int], version: int) -> None:
         self.busy = busy
         self.members = members
         self.version = version
         self._free: Optional[frozenset[int]] = None
+        self._free_order: Optional[Tuple[int, ...]] = None
 
     @property
     def free(self) -> frozenset[int]:
@@ -114,6 +118,14 @@ class _Snapshot:
         if free is None:
             free = self._free = self.members - self.busy
         return free
+
+    @property
+    def free_order(self) -> Tuple[int, ...]:
+        """The free set as a sorted tuple, for the picker (random draws and round robin)."""
+        order = self._free_order
+        if order is None:
+            order = self._free_order = tuple(sorted(self.free))
+        return order
 
 
 _EMPTY = _Snapshot(frozenset(), frozenset(), 0)
@@ -202,6 +214,8 @@ class WorkerMonitor:
         backoff_cap: float = 2.0,
         event_plane: EventPlane = FROM_ENV,
         zmq_broker_url: Optional[str] = FROM_ENV,
+        strategy: Strategy = "p2c",
+        reservation_ttl: float = 300.0,
         _clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_name("namespace", namespace)
@@ -231,6 +245,7 @@ class WorkerMonitor:
             Limits(pending_max_workers, pending_max_age, max_ranks_per_worker),
         )
         self._max_load_bytes = max_load_bytes
+        self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl)
         self._max_queued = max_queued_messages
         self._max_queued_bytes = max_queued_bytes
 
@@ -549,6 +564,67 @@ class WorkerMonitor:
     def thresholds(self) -> Thresholds:
         return self._state.thresholds
 
+    # --- picking (a lock of the picker's own; reads above stay lock-free) ---------
+
+    def select(
+        self,
+        *,
+        strategy: Optional[Strategy] = None,
+        exclude: Collection[int] = (),
+        blocks: Optional[int] = None,
+        model: Optional[str] = None,
+        worker_type: Optional[str] = None,
+    ) -> Optional[int]:
+        """The worker :meth:`reserve` would book, without booking it (None: no member can take it).
+
+        For dry runs, and for routers that book elsewhere.  Any thread; never blocks on I/O.
+        """
+        if self._forked_from is not None:
+            self._check_fork()
+        chosen = self._picker.pick(book=False, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
+                                   worker_type=worker_type)
+        return None if chosen is None else chosen[0]
+
+    def reserve(
+        self,
+        *,
+        strategy: Optional[Strategy] = None,
+        exclude: Collection[int] = (),
+        blocks: Optional[int] = None,
+        model: Optional[str] = None,
+        worker_type: Optional[str] = None,
+    ) -> Optional[Reservation]:
+        """Book a worker (and data-parallel rank) for one request; returns at once.
+
+        ``None`` when no member can take it — every member busy or predicted
+        busy: answer 503/529.  The booking adds ``blocks`` (default 1) to the
+        rank's predicted load until a newer report from that rank arrives or
+        the reservation is released (``release()``, or leave its ``with``
+        block); one never released expires after ``reservation_ttl``.
+        ``strategy``: ``"p2c"`` (default), ``"least_loaded"``, ``"round_robin"``,
+        ``"random"``; ``exclude``: ids not to choose (a retry after a failed
+        forward); ``model`` / ``worker_type``: the card's ``display_name`` /
+        ``worker_type``.  Thread-safe and atomic; any thread.
+        """
+        if self._forked_from is not None:
+            self._check_fork()
+        chosen = self._picker.pick(book=True, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
+                                   worker_type=worker_type)
+        return None if chosen is None else chosen[3]
+
+    def why(self, worker_id: int) -> Explanation:
+        """Why ``worker_id`` is (or is not) busy right now: each rank's values, the rule and threshold
+        each was held against, staleness, the outage policy in force, bookings in flight.
+
+        ``str()`` of the result reads as a few lines of text.  Takes the lock; any thread.
+        """
+        self._check_fork()
+        if worker_id < 0:
+            worker_id += 1 << 64
+        with self._lock:
+            return self._state.explain(worker_id, self._clock(), self._picker.booked,
+                                       self._picker.in_flight(worker_id))
+
     def health(self) -> Health:
         """Each source's state, last event and counters, and the reducer's counters.
 
@@ -573,6 +649,8 @@ class WorkerMonitor:
             reducer["queued_bytes"] = self._nats.backlog.nbytes
         if self._etcd is not None:
             reducer["queued_card_events"] = self._etcd.backlog.items
+        picker = dict(self._picker.counters)
+        picker["in_flight"], picker["booked_blocks"] = self._picker.totals()
         alive = self._started and not self._stopped and all(t.is_alive() for t in self._threads)
         if self._forked_from is not None:
             alive = False
@@ -596,6 +674,7 @@ class WorkerMonitor:
                 "zmq", "idle", None, {}, "ZMQ disabled (event_plane='nats')"
             ),
             required=tuple(required) if not self.static else ("etcd", "nats"),
+            picker=picker,
         )
 
     # --- writes ---------------------------------------------------------------

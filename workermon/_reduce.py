@@ -15,7 +15,7 @@ import heapq
 import types
 import weakref
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ._model import (
     BusyChange,
@@ -23,8 +23,10 @@ from ._model import (
     CardDelete,
     CardListing,
     CardPut,
+    Explanation,
     FeedStatus,
     LoadReport,
+    RankExplanation,
     Thresholds,
     WorkerLoadState,
 )
@@ -58,7 +60,7 @@ class Counters(Dict[str, int]):
 
 
 class _Rank:
-    __slots__ = ("kv", "decode", "prefill", "revision", "time", "kv_over", "decode_over", "stale", "queued")
+    __slots__ = ("kv", "decode", "prefill", "revision", "time", "kv_over", "decode_over", "stale", "queued", "seq")
 
     def __init__(self) -> None:
         # Two KV signals, never one overwriting the other: the worker's own
@@ -72,6 +74,9 @@ class _Rank:
         # Hysteresis memory of the KV rule, per signal; see _rank_busy.
         self.kv_over = False
         self.decode_over = False
+        # Reports applied to this rank: the picker's bookings made before the
+        # newest report stop counting (its credit rule).
+        self.seq = 0
         self.stale = False
         # Whether a metrics_ttl deadline for this rank is in the heap: at
         # most one entry per rank, however many reports arrive.
@@ -205,6 +210,81 @@ class FleetState:
             display_name=w.card.display_name,
             worker_type=w.card.worker_type,
         )
+
+    def explain(self, worker_id: int, now: float, booked: Callable[[int, int], int], in_flight: int) -> Explanation:
+        """Why ``worker_id`` is (or is not) busy: each declared rank against the rule (no state changes)."""
+        th = self.thresholds
+        outage = self.outage_active and th.outage_policy != "keep"
+        w = self.workers.get(worker_id)
+        if w is None:
+            held = " (reports for it are held until its card arrives)" if worker_id in self._pending else ""
+            return Explanation(worker_id, False, False, (), th, th.outage_policy, self.outage_active, in_flight,
+                               f"not a member: no card in etcd{held}")
+        card = w.card
+        ranks: List[RankExplanation] = []
+        start = card.data_parallel_start_rank
+        for rank_id in range(start, start + min(card.data_parallel_size, self.limits.max_ranks_per_worker)):
+            ranks.append(self._explain_rank(rank_id, w.ranks.get(rank_id), card, now, booked(worker_id, rank_id)))
+        declared = f"{card.data_parallel_size} declared rank(s) {start}…{start + card.data_parallel_size - 1}"
+        if outage:
+            summary = (f"{'BUSY' if w.busy else 'free'}: the metrics feed is down past outage_grace and "
+                       f"outage_policy={th.outage_policy!r} overrides the rule")
+        elif w.busy:
+            summary = f"BUSY: every one of its {declared} is busy"
+        else:
+            free = [r.rank for r in ranks if not r.busy]
+            summary = f"free: of its {declared}, rank(s) {', '.join(map(str, free[:8]))} not busy"
+        return Explanation(worker_id, True, w.busy, tuple(ranks), th, th.outage_policy, self.outage_active,
+                           in_flight, summary)
+
+    def _explain_rank(self, rank_id: int, r: Optional[_Rank], card: Card, now: float, booked: int) -> RankExplanation:
+        th = self.thresholds
+        total = card.total_kv_blocks
+        if r is None:
+            return RankExplanation(rank_id, False, None, None, None, total, None, False, False, None, booked,
+                                   "no report yet: counts as free (as Dynamo 1.6's frontend)")
+        age = max(0.0, now - r.time)
+        limit: Optional[float] = None
+        parts: List[str] = []
+        if th.busy_threshold is not None and total:
+            held = (r.kv_over or r.decode_over) and th.recover_threshold is not None
+            limit = (th.recover_threshold if held and th.recover_threshold is not None else th.busy_threshold) * total
+            for name, value in (("kv_used_blocks", r.kv), ("active_decode_blocks", r.decode)):
+                if value is not None:
+                    parts.append(f"{name} {value} {'>' if value > limit else '≤'} {limit:g}"
+                                 f"{' (recover, while over)' if held else ''} of {total}")
+        elif th.busy_threshold is None:
+            parts.append("KV rule off")
+        else:
+            parts.append("capacity unknown or 0: the KV rule cannot be over")
+        if r.prefill is not None:
+            if th.prefill_tokens_threshold is not None:
+                parts.append(f"active_prefill_tokens {r.prefill} {'>' if r.prefill > th.prefill_tokens_threshold else '≤'}"
+                             f" {th.prefill_tokens_threshold}")
+            if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
+                lim = th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
+                parts.append(f"active_prefill_tokens {r.prefill} {'>' if r.prefill > lim else '≤'} {lim:g}")
+        if r.stale:
+            busy = True
+            parts.insert(0, f"STALE (no report for {age:.1f} s > metrics_ttl; stale_policy='busy': fails closed)")
+        else:
+            verdict = self._rank_verdict(r, card)
+            busy = verdict is True
+            if verdict is None:
+                parts.append("no data for any configured rule: counts as free")
+        if booked:
+            parts.append(f"{booked} block(s) booked since this report")
+        text = ("BUSY: " if busy else "free: ") + "; ".join(parts) + f" (reported {age:.1f} s ago)"
+        return RankExplanation(rank_id, True, r.kv, r.decode, r.prefill, total, limit, busy, r.stale, age, booked,
+                               text)
+
+    def _rank_verdict(self, r: _Rank, card: Card) -> Optional[bool]:
+        """:meth:`_rank_busy` without touching the hysteresis memory."""
+        saved = (r.kv_over, r.decode_over)
+        try:
+            return self._rank_busy(r, card)
+        finally:
+            r.kv_over, r.decode_over = saved
 
     def load_states(self, now: float) -> Dict[int, WorkerLoadState]:
         return {wid: self.load_state(wid, now) for wid in self.workers}
@@ -495,6 +575,7 @@ class FleetState:
             rank.revision = revision
         rank.time = now
         rank.stale = False
+        rank.seq += 1
         return rank
 
     def _remove_card(self, key: str) -> None:

@@ -1,0 +1,383 @@
+"""Picking the worker: select() and reserve() with in-flight credit.
+
+A router that reads ``free_workers()`` still has to choose one, and between
+two load reports (20–300 ms under load, none while idle) every naive choice
+herds onto the same few workers.  The picker counts what it has just routed,
+as Dynamo's KV router does: a rank's *predicted* load is its last reported
+load plus the blocks booked on it since that report arrived.  A booking stops
+counting when a newer report from that rank arrives (the report includes the
+request by then) or when it is released, whichever comes first; one never
+released expires after ``reservation_ttl``.
+
+It reads the snapshot's free set and the reducer's live rank objects without
+the reducer's lock (the reducer only swaps whole values in them, so a read is
+at worst one report old), and books under a lock of its own, so two threads
+never both take the last free capacity of a worker and reads such as
+``busy_workers()`` are unaffected.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from typing import Any, Callable, Collection, Deque, Dict, List, Literal, Optional, Tuple
+
+from ._reduce import Counters, FleetState
+
+__all__ = ["Picker", "Reservation", "STRATEGIES", "Strategy"]
+
+Strategy = Literal["p2c", "least_loaded", "round_robin", "random"]
+STRATEGIES: Tuple[str, ...] = ("p2c", "least_loaded", "round_robin", "random")
+_MAX_RANKS_SCANNED = 1024
+_SAMPLES = 8  # random draws before a random strategy falls back to a scan
+
+
+class _Booking:
+    __slots__ = ("wid", "rank", "blocks", "seq", "deadline", "live")
+
+    def __init__(self, wid: int, rank: int, blocks: int, seq: int, deadline: float) -> None:
+        self.wid = wid
+        self.rank = rank
+        self.blocks = blocks
+        self.seq = seq
+        self.deadline = deadline
+        self.live = True
+
+
+class Reservation:
+    """One request booked on a worker (and data-parallel rank) by :meth:`WorkerMonitor.reserve`.
+
+    ``release()`` is idempotent and thread-safe; as a context manager the
+    reservation is released on exit, exception included.
+    """
+
+    __slots__ = ("worker_id", "dp_rank", "reason", "blocks", "_release", "_booking")
+
+    def __init__(self, worker_id: int, dp_rank: int, reason: str, blocks: int,
+                 release: Callable[[_Booking], None], booking: _Booking) -> None:
+        self.worker_id = worker_id
+        self.dp_rank = dp_rank
+        self.reason = reason
+        self.blocks = blocks
+        self._release = release
+        self._booking = booking
+
+    @property
+    def released(self) -> bool:
+        return not self._booking.live
+
+    def release(self) -> None:
+        self._release(self._booking)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<Reservation {self.worker_id:x} rank {self.dp_rank} {state}: {self.reason}>"
+
+
+# An assessment of one candidate: (sort key, rank chosen, utilisation or None, in-flight count).
+_Assessment = Tuple[Tuple[int, float], int, Optional[float], int]
+
+
+class Picker:
+    """Chooses and books workers; see the module docstring for the credit rule."""
+
+    def __init__(
+        self,
+        state: FleetState,
+        free: Callable[[], Tuple[int, ...]],
+        clock: Callable[[], float],
+        strategy: str = "p2c",
+        reservation_ttl: float = 300.0,
+        default_blocks: int = 1,
+    ) -> None:
+        check_strategy(strategy)
+        if not isinstance(reservation_ttl, (int, float)) or isinstance(reservation_ttl, bool) or not (
+            0 < reservation_ttl < float("inf")
+        ):
+            raise ValueError(f"reservation_ttl must be a number of seconds > 0, got {reservation_ttl!r}")
+        self._state = state
+        self._free = free
+        self._clock = clock
+        self.strategy = strategy
+        self.reservation_ttl = float(reservation_ttl)
+        self.default_blocks = _check_blocks(default_blocks)
+        self._lock = threading.Lock()
+        # (worker, rank) -> [report seq the blocks were booked against, blocks]
+        self._credit: Dict[Tuple[int, int], List[int]] = {}
+        self._inflight: Dict[int, int] = {}
+        self._bookings: Deque[_Booking] = deque()  # creation order = deadline order
+        self._rr = 0
+        self._rng = random.Random()
+        self.counters = Counters()
+
+    # --- reading ----------------------------------------------------------------
+
+    def in_flight(self, wid: int) -> int:
+        return self._inflight.get(wid, 0)
+
+    def booked(self, wid: int, rank: int) -> int:
+        """Blocks booked on a rank since its last report (what its prediction adds)."""
+        w = self._state.workers.get(wid)
+        r = w.ranks.get(rank) if w is not None else None
+        seq = r.seq if r is not None else 0
+        acc = self._credit.get((wid, rank))
+        return acc[1] if acc is not None and acc[0] == seq else 0
+
+    def totals(self) -> Tuple[int, int]:
+        """(bookings in flight, blocks they still add to predictions)."""
+        with self._lock:
+            return sum(self._inflight.values()), sum(self.booked(w, r) for w, r in self._credit)
+
+    # --- choosing ---------------------------------------------------------------
+
+    def pick(
+        self,
+        *,
+        book: bool,
+        strategy: Optional[str] = None,
+        exclude: Collection[int] = (),
+        blocks: Optional[int] = None,
+        model: Optional[str] = None,
+        worker_type: Optional[str] = None,
+    ) -> Optional[Tuple[int, int, str, Optional[Reservation]]]:
+        """Choose a worker: ``(worker_id, dp_rank, reason, reservation or None)``, or None."""
+        strategy = self.strategy if strategy is None else check_strategy(strategy)
+        blocks = self.default_blocks if blocks is None else _check_blocks(blocks)
+        free = self._free()
+        excluded = frozenset(e + (1 << 64) if e < 0 else e for e in exclude) if exclude else frozenset()
+        with self._lock:
+            now = self._clock()
+            if self._bookings:
+                self._expire(now)
+
+            def assess(wid: int) -> Optional[_Assessment]:
+                if wid in excluded:
+                    return None
+                return self._assess(wid, blocks, model, worker_type)
+
+            chosen = _STRATEGY_IMPL[strategy](self, free, assess)
+            if chosen is None:
+                self.counters.inc("rejected" if book else "select_none")
+                return None
+            wid, assessment, reason = chosen
+            rank = assessment[1]
+            if not book:
+                self.counters.inc("selected")
+                return wid, rank, reason, None
+            w = self._state.workers.get(wid)
+            r = w.ranks.get(rank) if w is not None else None
+            seq = r.seq if r is not None else 0
+            acc = self._credit.get((wid, rank))
+            if acc is None or acc[0] != seq:
+                acc = self._credit[(wid, rank)] = [seq, 0]
+            acc[1] += blocks
+            self._inflight[wid] = self._inflight.get(wid, 0) + 1
+            booking = _Booking(wid, rank, blocks, seq, now + self.reservation_ttl)
+            self._bookings.append(booking)
+            self.counters.inc("reserved")
+            return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking)
+
+    def _assess(self, wid: int, blocks: int, model: Optional[str], worker_type: Optional[str]) -> Optional[_Assessment]:
+        """Whether ``wid`` can take ``blocks`` more, on which rank, at what predicted utilisation."""
+        w = self._state.workers.get(wid)
+        if w is None:
+            return None
+        card = w.card
+        if model is not None and card.display_name != model:
+            return None
+        if worker_type is not None and card.worker_type != worker_type:
+            return None
+        inflight = self._inflight.get(wid, 0)
+        total = card.total_kv_blocks
+        threshold = self._state.thresholds.busy_threshold
+        start = card.data_parallel_start_rank
+        end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
+        credit = self._credit
+        ranks = w.ranks
+        if not total or threshold is None:
+            # No capacity to predict against: compare by bookings in flight;
+            # within the worker, the rank with the fewest blocks booked.
+            best_rank, best_booked = start, None
+            for rank_id in range(start, end):
+                r = ranks.get(rank_id)
+                seq = r.seq if r is not None else 0
+                acc = credit.get((wid, rank_id))
+                booked = acc[1] if acc is not None and acc[0] == seq else 0
+                if best_booked is None or booked < best_booked:
+                    best_rank, best_booked = rank_id, booked
+            return (1, float(inflight)), best_rank, None, inflight
+        limit = threshold * total
+        best: Optional[Tuple[float, int]] = None
+        for rank_id in range(start, end):
+            r = ranks.get(rank_id)
+            load, seq = 0, 0
+            if r is not None:
+                if r.stale:
+                    continue  # stale under stale_policy="busy": fails closed
+                seq = r.seq
+                kv, decode = r.kv, r.decode
+                load = max(kv if kv is not None else 0, decode if decode is not None else 0)
+            acc = credit.get((wid, rank_id))
+            predicted = load + (acc[1] if acc is not None and acc[0] == seq else 0)
+            if predicted + blocks > limit:
+                continue  # this request would take the rank over the busy rule
+            util = predicted / total
+            if best is None or util < best[0]:
+                best = (util, rank_id)
+        if best is None:
+            return None  # predicted busy
+        return (0, best[0]), best[1], best[0], inflight
+
+    # --- releasing and expiry ---------------------------------------------------
+
+    def _release(self, booking: _Booking) -> None:
+        with self._lock:
+            if booking.live:
+                self._drop(booking)
+                self.counters.inc("released")
+
+    def _drop(self, b: _Booking) -> None:
+        b.live = False
+        key = (b.wid, b.rank)
+        acc = self._credit.get(key)
+        if acc is not None and acc[0] == b.seq:
+            acc[1] -= b.blocks
+            if acc[1] <= 0:
+                del self._credit[key]
+        n = self._inflight.get(b.wid, 0) - 1
+        if n > 0:
+            self._inflight[b.wid] = n
+        else:
+            self._inflight.pop(b.wid, None)
+
+    def _expire(self, now: float) -> None:
+        bookings = self._bookings
+        while bookings and (not bookings[0].live or bookings[0].deadline <= now):
+            b = bookings.popleft()
+            if b.live:
+                self._drop(b)
+                self.counters.inc("expired")
+        # Credit booked against an older report no longer counts: forget it.
+        if len(self._credit) > 4 * len(self._inflight) + 64:
+            for key in [k for k, acc in self._credit.items() if acc[0] != self._seq_of(*k)]:
+                del self._credit[key]
+
+    def _seq_of(self, wid: int, rank: int) -> int:
+        w = self._state.workers.get(wid)
+        r = w.ranks.get(rank) if w is not None else None
+        return r.seq if r is not None else 0
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expire(self._clock())
+
+
+def check_strategy(strategy: Any) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    return str(strategy)
+
+
+def _check_blocks(blocks: Any) -> int:
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"blocks must be an integer >= 0, got {blocks!r}")
+    return blocks
+
+
+def _describe(a: _Assessment) -> str:
+    util = a[2]
+    return f"util {util:.2f}" if util is not None else f"{a[3]} in flight"
+
+
+Chosen = Optional[Tuple[int, _Assessment, str]]
+
+
+def _scan(free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+    best: Chosen = None
+    for wid in free:
+        a = assess(wid)
+        if a is not None and (best is None or a[0] < best[1][0]):
+            best = (wid, a, "")
+    return best
+
+
+def _least_loaded(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+    best = _scan(free, assess)
+    if best is None:
+        return None
+    wid, a, _ = best
+    return wid, a, f"least_loaded: {wid:x} has the lowest predicted load of {len(free)} free ({_describe(a)})"
+
+
+def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+    n = len(free)
+    if n == 0:
+        return None
+    if n == 1:
+        a = assess(free[0])
+        return None if a is None else (free[0], a, f"p2c: {free[0]:x} is the only free worker ({_describe(a)})")
+    rng = picker._rng
+    found: List[Tuple[int, _Assessment]] = []
+    seen = set()
+    for _ in range(_SAMPLES):
+        wid = free[rng.randrange(n)]
+        if wid in seen:
+            continue
+        seen.add(wid)
+        a = assess(wid)
+        if a is not None:
+            found.append((wid, a))
+            if len(found) == 2:
+                break
+    if len(found) < 2:
+        # Few can take it: look at every free worker (the answer "none" must be true).
+        best = _scan(free, assess)
+        if best is None:
+            return None
+        wid, a, _ = best
+        return wid, a, f"p2c: {wid:x} is the least loaded that can take it ({_describe(a)}; random draws found fewer than two)"
+    (w1, a1), (w2, a2) = found
+    if a2[0] < a1[0]:
+        (w1, a1), (w2, a2) = (w2, a2), (w1, a1)
+    return w1, a1, f"p2c: {w1:x} ({_describe(a1)}) over {w2:x} ({_describe(a2)})"
+
+
+def _round_robin(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+    n = len(free)
+    for k in range(n):
+        i = (picker._rr + k) % n
+        a = assess(free[i])
+        if a is not None:
+            picker._rr = i + 1
+            return free[i], a, f"round_robin: {free[i]:x}, next of {n} free ({_describe(a)})"
+    return None
+
+
+def _random(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+    n = len(free)
+    rng = picker._rng
+    for _ in range(_SAMPLES if n else 0):
+        wid = free[rng.randrange(n)]
+        a = assess(wid)
+        if a is not None:
+            return wid, a, f"random: {wid:x} of {n} free ({_describe(a)})"
+    eligible = [(wid, a) for wid in free for a in (assess(wid),) if a is not None]
+    if not eligible:
+        return None
+    wid, a = eligible[rng.randrange(len(eligible))]
+    return wid, a, f"random: {wid:x} of {len(eligible)} that can take it ({_describe(a)})"
+
+
+_STRATEGY_IMPL: Dict[str, Callable[[Picker, Tuple[int, ...], Callable[[int], Optional[_Assessment]]], Chosen]] = {
+    "p2c": _p2c,
+    "least_loaded": _least_loaded,
+    "round_robin": _round_robin,
+    "random": _random,
+}
