@@ -118,7 +118,7 @@ def run_naive(nats_url: str, subject: str, workers: int, count: int) -> float:
 
 
 def run_workermon(etcd_url: str, nats_url: str, ns: str, workers: int, count: int,
-                  readers: int = 0, plane: str = "nats") -> Tuple[float, Dict[str, int]]:
+                  readers: int = 0, plane: str = "nats", reserve: bool = False) -> Tuple[float, Dict[str, int]]:
     mon = _monitor(plane, etcd_url, nats_url, ns)
     mon.start()
     stop_readers = threading.Event()
@@ -126,10 +126,19 @@ def run_workermon(etcd_url: str, nats_url: str, ns: str, workers: int, count: in
 
     def reader(k: int) -> None:
         # A busy router thread: 100 reads (one per request), then it does
-        # other work for 10 ms — about 10,000 reads/s per thread.
+        # other work for 10 ms — about 10,000 reads/s per thread.  With
+        # reserve=True each "request" is reserve() + release() instead: 10 of
+        # them, then 10 ms of other work (~1,000 reservations/s per thread).
         n = 0
         ids = [BASE + i for i in range(workers)]
         while not stop_readers.wait(0.01):
+            if reserve:
+                for _ in range(10):
+                    r = mon.reserve()
+                    if r is not None:
+                        r.release()
+                n += 10
+                continue
             for wid in ids[:99]:
                 mon.is_busy(wid)
             mon.free_workers()
@@ -226,13 +235,93 @@ def run_latency(etcd_url: str, nats_url: str, ns: str, workers: int, rate: float
         mon.stop()
 
 
+# --- 6. picking (in-process) -------------------------------------------------------------------
+
+
+def picking_rows(smoke: bool) -> List[Tuple[str, str, str, str]]:
+    import random
+
+    rows: List[Tuple[str, str, str, str]] = []
+    threads_n, per_thread = (64, 200) if smoke else (64, 2000)
+    mon = _loaded_monitor(100, total=10**9)  # 100 equal workers, no report yet: "between two reports"
+    spreads: Dict[str, float] = {}
+
+    def spread(choose: Callable[[], Optional[int]]) -> float:
+        counts: Dict[int, int] = {}
+        lock = threading.Lock()
+        barrier = threading.Barrier(threads_n)
+
+        def run() -> None:
+            barrier.wait()
+            local: Dict[int, int] = {}
+            for _ in range(per_thread):
+                wid = choose()
+                if wid is not None:
+                    local[wid] = local.get(wid, 0) + 1
+            with lock:
+                for k, v in local.items():
+                    counts[k] = counts.get(k, 0) + v
+
+        ts = [threading.Thread(target=run) for _ in range(threads_n)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        values = [counts.get(BASE + i, 0) for i in range(100)]
+        return max(values) / max(1, min(values)) if min(values) else float("inf")
+
+    def booked(strategy: str) -> Callable[[], Optional[int]]:
+        def choose() -> Optional[int]:
+            r = mon.reserve(strategy=strategy)  # type: ignore[arg-type]
+            return None if r is None else r.worker_id
+        return choose
+
+    spreads["min(free_workers())"] = spread(lambda: min(mon.free_workers()))
+    spreads["random.choice(free)"] = spread(lambda: random.choice(tuple(mon.free_workers())))
+    spreads["reserve(p2c)"] = spread(booked("p2c"))
+    mon = _loaded_monitor(100, total=10**9)
+    spreads["reserve(least_loaded)"] = spread(booked("least_loaded"))
+    label = f"spread: {threads_n} threads × {per_thread:,} picks over 100 equal workers, no report between"
+    for name, value in spreads.items():
+        ok = "" if not name.startswith("reserve") else ("✅" if value <= 1.25 else "❌")
+        rows.append((f"{label}: {name}" if name.startswith("min") else f"spread: {name}",
+                     "∞ (some workers got nothing)" if value == float("inf") else f"max/min {value:.2f}",
+                     "≤ 1.25 (reserve)" if name.startswith("reserve") else "naive router", ok))
+
+    def cost(workers: int) -> Tuple[float, float, float]:
+        m = _loaded_monitor(workers)
+        n = 5_000 if smoke else 50_000
+        samples = []
+        clock = time.perf_counter_ns
+        for _ in range(n):
+            t0 = clock()
+            r = m.reserve()
+            if r is not None:
+                r.release()
+            samples.append(clock() - t0)
+        samples.sort()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m.busy_workers()
+        read = (time.perf_counter() - t0) / n * 1e9
+        return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000, read
+
+    c10, c1k = cost(10), cost(1000)
+    rows.append(("reserve()+release() @ 10 / 1k workers (p50; p99)",
+                 f"{c10[0]:.1f} µs; {c10[1]:.1f} µs / {c1k[0]:.1f} µs; {c1k[1]:.1f} µs",
+                 "flat in fleet size, p99 ≤ 20 µs",
+                 f"{c1k[0] / c10[0]:.2f}× (1k vs 10), {c1k[0] * 1000 / c1k[2]:.0f}× busy_workers() "
+                 f"{'✅' if c1k[1] <= 20 and c1k[0] / c10[0] <= 1.5 else '❌'}"))
+    return rows
+
+
 # --- 3. fleet scale (in-process, the reducer's own code path) ----------------------------------
 
 
-def _loaded_monitor(workers: int) -> WorkerMonitor:
+def _loaded_monitor(workers: int, total: int = 1000) -> WorkerMonitor:
     mon = WorkerMonitor(["http://127.0.0.1:1"], ["nats://127.0.0.1:2"], namespace="bench")
     for i in range(workers):
-        mon._state.apply_card_put(CardPut(f"v1/mdc/bench/c/e/{BASE + i:x}", BASE + i, Card(1000)), 0.0)
+        mon._state.apply_card_put(CardPut(f"v1/mdc/bench/c/e/{BASE + i:x}", BASE + i, Card(total)), 0.0)
     mon._publish_locked()
     return mon
 
@@ -442,6 +531,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         read_rate, rinfo = run_workermon(etcd.url, nats_server.url, ns, workers, count, readers=8)
         rows.append(("ingest while 8 router threads read (~10k reads/s each)", f"{read_rate:,.0f} msg/s",
                      f"{rinfo['reads']:,} reads meanwhile", f"{read_rate / w_med:.2f}× of idle"))
+        # Side by side: idle, then 8 threads reserving (alternating, best of the rounds each).
+        idle_r, res_r = [], []
+        for _ in range(rounds):
+            idle_r.append(run_workermon(etcd.url, nats_server.url, ns, workers, count)[0])
+            rr, resinfo = run_workermon(etcd.url, nats_server.url, ns, workers, count, readers=8, reserve=True)
+            res_r.append(rr)
+        ratio_r = statistics.median(res_r) / statistics.median(idle_r)
+        rows.append(("ingest while 8 router threads reserve()+release() (~1k/s each)",
+                     f"{statistics.median(res_r):,.0f} msg/s", "≥ 0.9× idle",
+                     f"{ratio_r:.2f}× of idle ({statistics.median(idle_r):,.0f}/s, same run) "
+                     f"{'✅' if ratio_r >= 0.9 else '❌'}"))
         # 2. latency
         lat = run_latency(etcd.url, nats_server.url, ns, lat_workers, lat_rate, lat_secs)
         rows.append((f"latency publish→callback @ {lat_rate:,.0f}/s, {lat_workers} workers",
@@ -459,6 +559,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append((f"initial sync of {sync_cards:,} sample-shaped cards", f"{sync * 1000:.0f} ms",
                      "≤ 1 s (10,000 cards)", "✅" if sync <= 1.0 else "❌"))
 
+    # 6. picking: spread between two reports, and the cost of reserve()+release()
+    rows.extend(picking_rows(smoke))
     # 3. fleet scale, side by side
     # Best of three per size: the machine is shared, the minimum is the cost.
     cost = {w: min(per_event_workermon(w, scale_events) for _ in range(3)) for w in (10, 1000, 10_000)}

@@ -103,6 +103,23 @@ def test_watch_over_zmq_with_only_etcd(etcd_server: EtcdServer, namespace: str) 
         pub.stop()
 
 
+def test_watch_why_explains_one_worker(etcd_server: EtcdServer, nats_server: NatsServer, namespace: str) -> None:
+    pub = WorkerPublisher([etcd_server.url], [nats_server.url], namespace=namespace, total_kv_blocks=100,
+                          load_format="active_load").start()
+    try:
+        pub.report(95)
+        pub.flush()
+        res = run("watch", "--etcd", etcd_server.url, "--nats", nats_server.url, "--namespace", namespace,
+                  "--plain", "--duration", "1.5", "--interval", "0.5", "--why", f"{pub.worker_id:x}")
+        assert res.returncode == 0, res.stderr
+        assert f"worker {pub.worker_id:x}: " in res.stdout and "rank 0:" in res.stdout
+        assert "busy_threshold 0.9" in res.stdout
+        bad = run("watch", "--why", "not-an-id")
+        assert bad.returncode == 2 and "worker id" in bad.stderr
+    finally:
+        pub.stop()
+
+
 def test_demo_json_only_changes_on_stdout() -> None:
     res = run("demo", "--workers", "3", "--duration", "5", "--json", "--seed", "3")
     assert res.returncode == 0, res.stderr

@@ -126,7 +126,7 @@ def test_every_strategy_on_a_fixed_fleet() -> None:
     rnd = Counter(p.pick(book=False, strategy="random")[0] for _ in range(300))  # type: ignore[index]
     assert set(rnd) == {A, B, C}
     chosen = p.pick(book=False, strategy="p2c")
-    assert chosen is not None and chosen[2].startswith("p2c: ") and "util" in chosen[2]
+    assert chosen is not None and chosen[2]().startswith("p2c: ") and "util" in chosen[2]()
 
 
 def test_unknown_strategy_and_bad_blocks() -> None:

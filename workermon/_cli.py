@@ -83,8 +83,10 @@ def change_json(change: BusyChange) -> str:
 class View:
     """Prints what a running monitor sees: a refreshing table and change lines."""
 
-    def __init__(self, mon: WorkerMonitor, out: TextIO, as_json: bool, plain: bool, interval: float) -> None:
+    def __init__(self, mon: WorkerMonitor, out: TextIO, as_json: bool, plain: bool, interval: float,
+                 why: Optional[int] = None) -> None:
         self.mon = mon
+        self.why = why
         self.out = out
         self.as_json = as_json
         self.live = not plain and not as_json and out.isatty()
@@ -133,6 +135,8 @@ class View:
 
     def _draw(self) -> None:
         table = render_table(self.mon.load_states(), self.mon.thresholds.busy_threshold)
+        if self.why is not None:
+            table += "\n\n" + str(self.mon.why(self.why))
         if self.live:
             self.out.write("\x1b[H\x1b[2J")
             h = self.mon.health()
@@ -153,6 +157,17 @@ def _threshold(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (0.0 <= value <= 1.0) or math.isnan(value):
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _worker_id(text: str) -> int:
+    t = text.strip().lower()
+    try:
+        value = int(t, 10) if t.isdigit() and len(t) > 16 else int(t[2:] if t.startswith("0x") else t, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a worker id (hex or decimal): {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"not a 64-bit worker id: {text!r}")
     return value
 
 
@@ -203,7 +218,7 @@ def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
                             zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    view = View(mon, sys.stdout, args.json, args.plain, args.interval or (5.0 if args.plain else 1.0))
+    view = View(mon, sys.stdout, args.json, args.plain, args.interval or (5.0 if args.plain else 1.0), args.why)
     view.attach()
     mon.start()
     try:
@@ -331,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("DYN_EVENT_PLANE", "auto").strip().lower() or "auto",
                    help="where load reports come from (default $DYN_EVENT_PLANE, else auto: ZMQ channels "
                         "found in etcd and NATS where reachable)")
+    w.add_argument("--why", type=_worker_id, default=None, metavar="ID",
+                   help="below the table, explain why this worker (hex as in Dynamo's keys, or decimal) is busy or not")
     w.add_argument("--zmq-broker-url", default=None, metavar="URL",
                    help="ZMQ broker mode: 'xsub=…, xpub=tcp://h:p;…' (default $DYN_ZMQ_BROKER_URL)")
     _add_view_args(w)

@@ -52,16 +52,21 @@ class Reservation:
     reservation is released on exit, exception included.
     """
 
-    __slots__ = ("worker_id", "dp_rank", "reason", "blocks", "_release", "_booking")
+    __slots__ = ("worker_id", "dp_rank", "blocks", "_reason", "_release", "_booking")
 
-    def __init__(self, worker_id: int, dp_rank: int, reason: str, blocks: int,
+    def __init__(self, worker_id: int, dp_rank: int, reason: Callable[[], str], blocks: int,
                  release: Callable[[_Booking], None], booking: _Booking) -> None:
         self.worker_id = worker_id
         self.dp_rank = dp_rank
-        self.reason = reason
         self.blocks = blocks
+        self._reason = reason
         self._release = release
         self._booking = booking
+
+    @property
+    def reason(self) -> str:
+        """One short sentence: the strategy and the scores it compared (formatted when read)."""
+        return self._reason()
 
     @property
     def released(self) -> bool:
@@ -146,23 +151,30 @@ class Picker:
         blocks: Optional[int] = None,
         model: Optional[str] = None,
         worker_type: Optional[str] = None,
-    ) -> Optional[Tuple[int, int, str, Optional[Reservation]]]:
-        """Choose a worker: ``(worker_id, dp_rank, reason, reservation or None)``, or None."""
+    ) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
+        """Choose a worker: ``(worker_id, dp_rank, reason, reservation or None)``, or None.
+
+        ``reason`` is a callable that formats the sentence (only when asked).
+        """
         strategy = self.strategy if strategy is None else check_strategy(strategy)
         blocks = self.default_blocks if blocks is None else _check_blocks(blocks)
         free = self._free()
-        excluded = frozenset(e + (1 << 64) if e < 0 else e for e in exclude) if exclude else frozenset()
-        with self._lock:
-            now = self._clock()
-            if self._bookings:
-                self._expire(now)
+        impl = _STRATEGY_IMPL[strategy]
+        assess_one = self._assess
+        if exclude:
+            excluded = frozenset(e + (1 << 64) if e < 0 else e for e in exclude)
 
             def assess(wid: int) -> Optional[_Assessment]:
-                if wid in excluded:
-                    return None
-                return self._assess(wid, blocks, model, worker_type)
-
-            chosen = _STRATEGY_IMPL[strategy](self, free, assess)
+                return None if wid in excluded else assess_one(wid, blocks, model, worker_type)
+        else:
+            def assess(wid: int) -> Optional[_Assessment]:
+                return assess_one(wid, blocks, model, worker_type)
+        with self._lock:
+            now = self._clock()
+            bookings = self._bookings
+            if bookings and (bookings[0].deadline <= now or not bookings[0].live):
+                self._expire(now)
+            chosen = impl(self, free, assess)
             if chosen is None:
                 self.counters.inc("rejected" if book else "select_none")
                 return None
@@ -296,7 +308,7 @@ def _describe(a: _Assessment) -> str:
     return f"util {util:.2f}" if util is not None else f"{a[3]} in flight"
 
 
-Chosen = Optional[Tuple[int, _Assessment, str]]
+Chosen = Optional[Tuple[int, _Assessment, Callable[[], str]]]
 
 
 def _scan(free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
@@ -304,7 +316,7 @@ def _scan(free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]])
     for wid in free:
         a = assess(wid)
         if a is not None and (best is None or a[0] < best[1][0]):
-            best = (wid, a, "")
+            best = (wid, a, str)
     return best
 
 
@@ -313,7 +325,7 @@ def _least_loaded(picker: Picker, free: Tuple[int, ...], assess: Callable[[int],
     if best is None:
         return None
     wid, a, _ = best
-    return wid, a, f"least_loaded: {wid:x} has the lowest predicted load of {len(free)} free ({_describe(a)})"
+    return wid, a, lambda: f"least_loaded: {wid:x} has the lowest predicted load of {len(free)} free ({_describe(a)})"
 
 
 def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
@@ -321,32 +333,36 @@ def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional
     if n == 0:
         return None
     if n == 1:
-        a = assess(free[0])
-        return None if a is None else (free[0], a, f"p2c: {free[0]:x} is the only free worker ({_describe(a)})")
+        only = assess(free[0])
+        if only is None:
+            return None
+        return free[0], only, lambda: f"p2c: {free[0]:x} is the only free worker ({_describe(only)})"
     rng = picker._rng
     found: List[Tuple[int, _Assessment]] = []
-    seen = set()
+    first = -1
+    rand = rng.random
     for _ in range(_SAMPLES):
-        wid = free[rng.randrange(n)]
-        if wid in seen:
+        i = int(rand() * n)
+        if i == first:
             continue
-        seen.add(wid)
-        a = assess(wid)
+        a = assess(free[i])
         if a is not None:
-            found.append((wid, a))
+            found.append((free[i], a))
             if len(found) == 2:
                 break
+            first = i
     if len(found) < 2:
         # Few can take it: look at every free worker (the answer "none" must be true).
         best = _scan(free, assess)
         if best is None:
             return None
         wid, a, _ = best
-        return wid, a, f"p2c: {wid:x} is the least loaded that can take it ({_describe(a)}; random draws found fewer than two)"
+        return wid, a, lambda: (f"p2c: {wid:x} is the least loaded that can take it ({_describe(a)}; "
+                                "random draws found fewer than two)")
     (w1, a1), (w2, a2) = found
     if a2[0] < a1[0]:
         (w1, a1), (w2, a2) = (w2, a2), (w1, a1)
-    return w1, a1, f"p2c: {w1:x} ({_describe(a1)}) over {w2:x} ({_describe(a2)})"
+    return w1, a1, lambda: f"p2c: {w1:x} ({_describe(a1)}) over {w2:x} ({_describe(a2)})"
 
 
 def _round_robin(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
@@ -356,7 +372,8 @@ def _round_robin(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], 
         a = assess(free[i])
         if a is not None:
             picker._rr = i + 1
-            return free[i], a, f"round_robin: {free[i]:x}, next of {n} free ({_describe(a)})"
+            wid = free[i]
+            return wid, a, lambda: f"round_robin: {wid:x}, next of {n} free ({_describe(a)})"
     return None
 
 
@@ -367,12 +384,12 @@ def _random(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optio
         wid = free[rng.randrange(n)]
         a = assess(wid)
         if a is not None:
-            return wid, a, f"random: {wid:x} of {n} free ({_describe(a)})"
+            return wid, a, lambda: f"random: {wid:x} of {n} free ({_describe(a)})"
     eligible = [(wid, a) for wid in free for a in (assess(wid),) if a is not None]
     if not eligible:
         return None
     wid, a = eligible[rng.randrange(len(eligible))]
-    return wid, a, f"random: {wid:x} of {len(eligible)} that can take it ({_describe(a)})"
+    return wid, a, lambda: f"random: {wid:x} of {len(eligible)} that can take it ({_describe(a)})"
 
 
 _STRATEGY_IMPL: Dict[str, Callable[[Picker, Tuple[int, ...], Callable[[int], Optional[_Assessment]]], Chosen]] = {
