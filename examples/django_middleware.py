@@ -1,4 +1,4 @@
-"""Django middleware: 503 when every Dynamo worker is busy, else pick a free one.
+"""Django middleware: reserve a Dynamo worker per request, 503 when none can take it.
 
 Add it to ``MIDDLEWARE`` and configure the monitor in settings::
 
@@ -8,7 +8,9 @@ Add it to ``MIDDLEWARE`` and configure the monitor in settings::
                  "namespace": "dynamo", "busy_threshold": 0.9}
     WORKERMON_EXEMPT_PATHS = ["/healthz"]        # optional
 
-Views then read ``request.workermon_worker`` (the chosen worker id).  One
+Views then read ``request.workermon_worker`` (the chosen worker id) and
+``request.workermon_reservation``; with ``WORKERMON_FRONTEND_URL`` the
+middleware forwards ``/v1/…`` to a Dynamo frontend in direct mode.  One
 monitor is started per process on first use; under a pre-forking server
 (gunicorn, uWSGI) that is after the fork, which is what threads need.
 """
@@ -16,14 +18,15 @@ monitor is started per process on first use; under a pre-forking server
 from __future__ import annotations
 
 import atexit
-import itertools
 import threading
-from typing import Callable, Optional
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
-from workermon import WorkerMonitor
+from workermon import Reservation, WorkerMonitor
 
 _lock = threading.Lock()
 _monitor: Optional[WorkerMonitor] = None
@@ -52,22 +55,97 @@ def reset_monitor() -> None:
 
 
 class BusyWorkersMiddleware:
+    """Reserve a worker for each request; 503 with ``Retry-After`` when none can take it.
+
+    Views read ``request.workermon_reservation`` (worker id, ``dp_rank``) and
+    ``request.workermon_worker``; for Dynamo, ``dynamo_headers(request)`` gives
+    the frontend's direct-mode headers.  With ``WORKERMON_FRONTEND_URL`` set,
+    requests under ``WORKERMON_FORWARD_PREFIX`` (default ``/v1/``) are
+    forwarded to that frontend here, as the Flask example does: a 529 from
+    the frontend is retried once on another worker.  The reservation is
+    released when the response is done (streamed responses included).
+    """
+
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
         self.exempt = tuple(getattr(settings, "WORKERMON_EXEMPT_PATHS", ()))
-        self._turn = itertools.count()
+        self.frontend = getattr(settings, "WORKERMON_FRONTEND_URL", None)
+        self.prefix = getattr(settings, "WORKERMON_FORWARD_PREFIX", "/v1/")
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path.startswith(self.exempt) if self.exempt else False:
             return self.get_response(request)
         monitor = get_monitor()
-        free = sorted(monitor.free_workers())
-        if not free:
-            message = ("All workers are busy, please retry later" if monitor.busy_workers()
-                       else "No workers are available")
-            resp = JsonResponse({"error": {"message": message, "type": "Service Unavailable", "code": 503}},
-                                status=503)
-            resp["Retry-After"] = "1"
-            return resp
-        request.workermon_worker = free[next(self._turn) % len(free)]  # type: ignore[attr-defined]
-        return self.get_response(request)
+        excluded: Tuple[int, ...] = ()
+        for attempt in (1, 2):
+            res = monitor.reserve(exclude=excluded)
+            if res is None:
+                return _unavailable(monitor, attempt)
+            request.workermon_reservation = res  # type: ignore[attr-defined]
+            request.workermon_worker = res.worker_id  # type: ignore[attr-defined]
+            try:
+                if self.frontend and request.path.startswith(self.prefix):
+                    response = self._forward(request, res)
+                    if response.status_code == OVERLOADED and attempt == 1:
+                        response.close()
+                        excluded += (res.worker_id,)
+                        continue
+                else:
+                    response = self.get_response(request)
+            except BaseException:
+                res.release()
+                raise
+            return _release_when_done(response, res)
+        return _unavailable(monitor, 2)
+
+    def _forward(self, request: HttpRequest, res: Reservation) -> HttpResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers.update(dynamo_headers(request))
+        url = f"{str(self.frontend).rstrip('/')}{request.get_full_path()}"
+        req = urllib.request.Request(url, data=request.body or None, headers=headers, method=request.method)
+        try:
+            up = urllib.request.urlopen(req, timeout=300)
+        except urllib.error.HTTPError as err:
+            up = err
+        status = getattr(up, "status", None) or up.code
+        out = StreamingHttpResponse(iter(up.readline, b""), status=status,
+                                    content_type=up.headers.get("Content-Type", "application/json"))
+        out["X-Workermon-Worker"] = f"{res.worker_id:x}"
+        out._resource_closers.append(up.close)  # closed with the response
+        return out
+
+
+OVERLOADED = 529
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+def dynamo_headers(request: HttpRequest) -> Dict[str, str]:
+    """The 1.6 frontend's direct-mode headers for the reserved worker (id in decimal, rank)."""
+    res = request.workermon_reservation  # type: ignore[attr-defined]
+    return {"x-worker-instance-id": str(res.worker_id), "x-dp-rank": str(res.dp_rank)}
+
+
+def _unavailable(monitor: WorkerMonitor, attempt: int) -> HttpResponse:
+    busy = bool(monitor.busy_workers()) or attempt == 2
+    message = "All workers are busy, please retry later" if busy else "No workers are available"
+    resp = JsonResponse({"error": {"message": message, "type": "Service Unavailable", "code": 503}}, status=503)
+    resp["Retry-After"] = "1"
+    return resp
+
+
+def _release_when_done(response: HttpResponse, res: Reservation) -> HttpResponse:
+    if getattr(response, "streaming", False):
+        # Released once the last chunk is out (or the client went away).
+        inner = response.streaming_content  # type: ignore[attr-defined]
+
+        def chunks() -> Iterator[Any]:
+            try:
+                yield from inner
+            finally:
+                res.release()
+
+        response.streaming_content = chunks()  # type: ignore[attr-defined]
+    else:
+        res.release()
+    return response

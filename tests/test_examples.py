@@ -84,10 +84,11 @@ def test_flask_router(make_monitor: Make, fleet: List[Tuple[WorkerPublisher, Bac
     mon = make_monitor()
     mon.start()
     assert mon.wait_ready(10)
-    client = create_app(mon, urls.get).test_client()
+    client = create_app(mon, worker_url=urls.get).test_client()
 
-    seen = {client.get("/v1/models").get_json()["backend"] for _ in range(4)}
-    assert seen == {"a", "b"}          # round robin over free workers
+    seen = {client.get("/v1/models").get_json()["backend"] for _ in range(20)}
+    assert seen == {"a", "b"}          # reserve(): p2c over the free workers
+    assert mon.health().picker["in_flight"] == 0  # each released once its response was sent
     r = client.post("/v1/chat/completions?x=1", data=b'{"q": 1}', content_type="application/json")
     assert r.status_code == 200 and r.get_json()["echo"] == '{"q": 1}'
     assert r.get_json()["path"] == "/v1/chat/completions?x=1"
@@ -132,9 +133,10 @@ def test_django_middleware(etcd_server: EtcdServer, nats_server: NatsServer, nam
     with override_settings(WORKERMON=cfg):
         try:
             client = Client()
-            chosen = {client.get("/work").json()["worker"] for _ in range(4)}
+            chosen = {client.get("/work").json()["worker"] for _ in range(20)}
             assert chosen == {pa.worker_id, pb.worker_id}
             mon = django_middleware.get_monitor()
+            assert mon.health().picker["in_flight"] == 0  # released after each response
             pa.report(99)
             pb.report(99)
             assert mon.wait_for(lambda: mon.busy_workers() == {pa.worker_id, pb.worker_id}, 10)

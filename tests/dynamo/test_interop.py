@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -320,3 +322,95 @@ def _format_of(release: str) -> str:
         return f"{card}; msgpack envelope"
     return f"{card}; msgpack envelope, endpoint subject"
 
+
+
+def _post(url: str, body: Dict[str, object], headers: Optional[Dict[str, str]] = None,
+          timeout: float = 120.0) -> Tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/flask_router.py in front of a 1.6.1 frontend in direct mode: requests run where reserve() chose."""
+    if version_tuple(release) < (1, 6):
+        pytest.skip("the frontend's direct mode is measured on 1.6")
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    from examples.flask_router import create_app
+
+    python = _python_for(release)
+    with EtcdServer() as etcd:
+        fleet = DynamoFleet(python, release, etcd.url, None, blocks=BLOCKS, busy_threshold=THRESHOLD,
+                            event_plane=None, frontend_args=("--router-mode", "direct"))
+        mon = WorkerMonitor(etcd_endpoints=[etcd.url], busy_threshold=THRESHOLD)
+        fleet.start()
+        mon.start()
+        try:
+            assert mon.wait_ready(60)
+            assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 90), fleet.logs()
+            deadline = time.monotonic() + 90
+            while not fleet.models_listed():
+                assert time.monotonic() < deadline, fleet.logs()
+                retry_pause(0.25)
+            frontend = f"http://127.0.0.1:{fleet.http_port}"
+            app = create_app(mon, frontend_url=frontend)
+            model = fleet.served_model()
+
+            def ask(max_tokens: int = 4, stream: bool = False) -> Tuple[int, Dict[str, str], str]:
+                body = {"model": model, "max_tokens": max_tokens, "stream": stream, "ignore_eos": True,
+                        "min_tokens": max_tokens, "messages": [{"role": "user", "content": "hello"}],
+                        "nvext": {"extra_fields": ["worker_id"]}}
+                r = app.test_client().post("/v1/chat/completions", json=body)
+                return r.status_code, dict(r.headers), r.get_data(as_text=True)
+
+            # Each request runs on the worker reserve() chose (the frontend says where it ran).
+            for stream in (False, True):
+                for _ in range(fleet.workers * 2):
+                    status, headers, text = ask(stream=stream)
+                    assert status == 200, text
+                    chosen = int(headers["X-Workermon-Worker"], 16)
+                    ran_on = {int(m) for m in re.findall(r'"decode_worker_id":\s*(\d+)', text)}
+                    assert ran_on == {chosen}, (chosen, text[:500])
+            assert mon.health().picker["in_flight"] == 0
+
+            # A burst spreads: while they are in flight, reservations steer new ones elsewhere.
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                results = list(pool.map(lambda _: ask(max_tokens=40), range(12)))
+            used = Counter(int(h["X-Workermon-Worker"], 16) for s, h, _ in results if s == 200)
+            assert set(used) == mon.members() and max(used.values()) <= 6, used
+
+            # All busy: load the workers through the frontend directly, then the router answers
+            # 503 with Retry-After and forwards nothing.
+            stop = threading.Event()
+
+            def load(wid: int) -> None:
+                while not stop.is_set():
+                    _post(f"{frontend}/v1/chat/completions",
+                          {"model": model, "max_tokens": 120, "ignore_eos": True, "min_tokens": 120,
+                           "messages": [{"role": "user", "content": "x" * 600}]},
+                          {"x-worker-instance-id": str(wid)})
+
+            loaders = [threading.Thread(target=load, args=(wid,)) for wid in mon.members() for _ in range(3)]
+            for t in loaders:
+                t.start()
+            try:
+                assert mon.wait_for(lambda: not mon.free_workers(), 60), mon.load_states()
+                before = app.config["forwarded"]
+                r = app.test_client().post("/v1/chat/completions", json={"model": model, "messages": []})
+                assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+                assert app.config["forwarded"] == before
+            finally:
+                stop.set()
+                for t in loaders:
+                    t.join(180)
+        finally:
+            mon.stop()
+            fleet.stop()
