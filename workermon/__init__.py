@@ -9,14 +9,17 @@ from ._model import BusyChange, Explanation, RankExplanation, Thresholds, Worker
 from ._monitor import CallbackHandle, WorkerMonitor
 from ._picker import Reservation
 from ._publisher import WorkerPublisher
+from ._shared import AgentUnavailable, SharedMonitor
 
 __all__ = [
+    "AgentUnavailable",
     "BusyChange",
     "CallbackHandle",
     "Explanation",
     "Health",
     "RankExplanation",
     "Reservation",
+    "SharedMonitor",
     "SourceHealth",
     "Thresholds",
     "WorkerLoadState",

@@ -206,18 +206,55 @@ def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float, etcd: Sequence[st
                     + (f" ({h.nats.last_error})" if h.nats.last_error else ""))
 
 
+def _monitor_from_args(args: argparse.Namespace) -> WorkerMonitor:
+    etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
+    try:
+        return WorkerMonitor(etcd, args.nats if args.nats else FROM_ENV, namespace=args.namespace,
+                             busy_threshold=args.busy_threshold, component=args.component,
+                             endpoint=args.endpoint, event_plane=args.event_plane,
+                             zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
+    from ._agent import Agent, default_socket_path
+
+    etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
+    nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
+    mon = _monitor_from_args(args)
+    path = args.socket or default_socket_path()
+    agent = Agent(mon, path)
+    try:
+        agent.bind()
+    except OSError as exc:
+        raise UserError(f"cannot serve {path}: {exc}") from None
+    logging.getLogger("workermon").setLevel(logging.INFO)
+    log = logging.getLogger("workermon.agent")
+    mon.start()
+    agent.start()
+    try:
+        _wait_ready_or_explain(mon, args.connect_timeout, etcd, nats)
+        log.info("workermon agent serving %s (%d workers, %d busy)", path, len(mon.members()), len(mon.busy_workers()))
+        until = None if args.duration is None else time.monotonic() + args.duration
+        while not stopping.wait(0.5 if until is None else max(0.0, min(0.5, until - time.monotonic()))):
+            if until is not None and time.monotonic() >= until:
+                break
+            if not agent.is_alive():
+                raise UserError("the agent thread ended unexpectedly")
+    finally:
+        agent.stop()
+        mon.stop()
+        log.info("workermon agent stopped; %s removed", path)
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
     etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
     nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
-    try:
-        # Without --nats the monitor reads $NATS_SERVER itself: NATS is then
-        # required only when the environment names it (or --event-plane nats).
-        mon = WorkerMonitor(etcd, args.nats if args.nats else FROM_ENV, namespace=args.namespace,
-                            busy_threshold=args.busy_threshold, component=args.component,
-                            endpoint=args.endpoint, event_plane=args.event_plane,
-                            zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    # Without --nats the monitor reads $NATS_SERVER itself: NATS is then
+    # required only when the environment names it (or --event-plane nats).
+    mon = _monitor_from_args(args)
     view = View(mon, sys.stdout, args.json, args.plain, args.interval or (5.0 if args.plain else 1.0), args.why)
     view.attach()
     mon.start()
@@ -335,6 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"workermon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     w = sub.add_parser("watch", help="watch a running Dynamo deployment")
+    _add_monitor_args(w)
+    w.add_argument("--why", type=_worker_id, default=None, metavar="ID",
+                   help="below the table, explain why this worker (hex as in Dynamo's keys, or decimal) is busy or not")
+    _add_view_args(w)
+    a = sub.add_parser("agent", help="one monitor per host, served to local processes (SharedMonitor)")
+    _add_monitor_args(a)
+    a.add_argument("--socket", default=None, metavar="PATH",
+                   help="Unix socket to serve (default $WORKERMON_AGENT_SOCKET, else "
+                        "$XDG_RUNTIME_DIR/workermon/agent.sock, else /tmp/workermon-<uid>/agent.sock)")
+    a.add_argument("--busy-threshold", type=_threshold, default=0.9, metavar="F",
+                   help="busy when active KV blocks > F × total (default 0.9)")
+    a.add_argument("--duration", type=_positive, default=None, metavar="S", help="exit after S seconds")
+    a.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    d = sub.add_parser("demo", help="start local etcd + NATS, simulated workers and a monitor")
+    d.add_argument("--workers", type=int, default=4, metavar="N", help="simulated workers (default 4)")
+    d.add_argument("--event-plane", choices=("nats", "zmq"), default="nats",
+                   help="simulated workers report over NATS (default) or, as Dynamo 1.6, over ZMQ (no NATS started)")
+    d.add_argument("--seed", type=int, default=None, help="random seed for the load pattern")
+    _add_view_args(d)
+    return parser
+
+
+def _add_monitor_args(w: argparse.ArgumentParser) -> None:
     w.add_argument("--etcd", action="append", metavar="URL", help="etcd endpoint (repeat; default $ETCD_ENDPOINTS)")
     w.add_argument("--nats", action="append", metavar="URL", help="NATS server (repeat; default $NATS_SERVER)")
     w.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"), help="Dynamo namespace")
@@ -346,24 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("DYN_EVENT_PLANE", "auto").strip().lower() or "auto",
                    help="where load reports come from (default $DYN_EVENT_PLANE, else auto: ZMQ channels "
                         "found in etcd and NATS where reachable)")
-    w.add_argument("--why", type=_worker_id, default=None, metavar="ID",
-                   help="below the table, explain why this worker (hex as in Dynamo's keys, or decimal) is busy or not")
     w.add_argument("--zmq-broker-url", default=None, metavar="URL",
                    help="ZMQ broker mode: 'xsub=…, xpub=tcp://h:p;…' (default $DYN_ZMQ_BROKER_URL)")
-    _add_view_args(w)
-    d = sub.add_parser("demo", help="start local etcd + NATS, simulated workers and a monitor")
-    d.add_argument("--workers", type=int, default=4, metavar="N", help="simulated workers (default 4)")
-    d.add_argument("--event-plane", choices=("nats", "zmq"), default="nats",
-                   help="simulated workers report over NATS (default) or, as Dynamo 1.6, over ZMQ (no NATS started)")
-    d.add_argument("--seed", type=int, default=None, help="random seed for the load pattern")
-    _add_view_args(d)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, stream=sys.stderr,
+    level = logging.INFO if args.verbose else logging.ERROR
+    if args.command == "agent":
+        level = logging.DEBUG if args.verbose else logging.INFO  # the agent logs to stderr
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
 
@@ -372,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     try:
-        command = cmd_watch if args.command == "watch" else cmd_demo
+        command = {"watch": cmd_watch, "agent": cmd_agent, "demo": cmd_demo}[args.command]
         return command(args, stopping)
     except KeyboardInterrupt:
         return 0

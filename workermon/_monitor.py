@@ -348,6 +348,7 @@ class WorkerMonitor:
         self._zmq_status = SourceStatus("zmq", _clock)
         self._callback_errors = 0
         self._wake_pending = False
+        self._snapshot_listeners: List[Callable[[], None]] = []
         # Static mode delivers on the registering thread: one at a time.
         self._deliver_lock = threading.Lock()
         self._delivering: Optional[int] = None
@@ -510,6 +511,15 @@ class WorkerMonitor:
         with self._applied_cond:
             event.set()
             self._applied_cond.notify_all()
+        self._notify_listeners()
+
+    def _notify_listeners(self) -> None:
+        for listener in self._snapshot_listeners:
+            # Internal (the host agent): must not block; it only pokes a waker.
+            try:
+                listener()
+            except Exception:  # noqa: BLE001
+                log.exception("workermon snapshot listener failed")
 
     # --- reads (lock-free) ----------------------------------------------------
 
@@ -848,10 +858,13 @@ class WorkerMonitor:
                 state.counters.inc("reducer_errors")
                 log.exception("workermon reducer failed while expiring state; continuing")
             self._publish_locked()
+        first_listing = listed and not self._etcd_ready.is_set()
         with self._applied_cond:
             if listed:
                 self._etcd_ready.set()
             self._applied_cond.notify_all()
+        if first_listing:
+            self._notify_listeners()
         if stop:
             return True
         # Once stop() is called no callback runs, but everything queued
@@ -896,6 +909,7 @@ class WorkerMonitor:
         self._snapshot = _Snapshot(busy, members, state.version)
         if change is not None:
             self._outbox.append((change, self._callbacks))
+        self._notify_listeners()
 
     def _deliver(self) -> None:
         # The reducer thread delivers in version order.  In static mode the
