@@ -1,7 +1,11 @@
-"""A tiny WSGI app whose per-process monitor is started by gunicorn's post_fork.
+"""A tiny WSGI app whose monitor is connected (or started) by gunicorn's post_fork.
 
-``GET /`` answers 503 with Retry-After when every worker is busy, else names
-a free worker; ``GET /workers`` shows the process's view as JSON.
+With the host agent (``WORKERMON_MODE=agent``, the default of
+``gunicorn.conf.py``) each process uses a ``SharedMonitor``; with
+``WORKERMON_MODE=per-process`` its own ``WorkerMonitor``.  ``GET /`` reserves a
+worker for the request (answering with its id, then releasing it) or answers
+503 with Retry-After when none can take it; ``GET /workers`` shows the
+process's view as JSON.
 """
 
 from __future__ import annotations
@@ -11,21 +15,25 @@ import os
 import threading
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-from workermon import WorkerMonitor
+from workermon import SharedMonitor, WorkerMonitor
 
-_monitor: Optional[WorkerMonitor] = None
+_monitor: Optional[Any] = None
 _lock = threading.Lock()
 
 
-def start_monitor() -> WorkerMonitor:
-    """Create and start this process's monitor from the environment (idempotent)."""
+def start_monitor() -> Any:
+    """Connect (agent mode) or create and start this process's monitor (idempotent)."""
     global _monitor
     with _lock:
         if _monitor is None:
-            mon = WorkerMonitor(
-                namespace=os.environ.get("DYN_NAMESPACE", "dynamo"),
-                busy_threshold=float(os.environ.get("WORKERMON_BUSY_THRESHOLD", "0.9")),
-            )
+            mon: Any
+            if os.environ.get("WORKERMON_MODE", "agent") == "agent":
+                mon = SharedMonitor(os.environ.get("WORKERMON_AGENT_SOCKET"))
+            else:
+                mon = WorkerMonitor(
+                    namespace=os.environ.get("DYN_NAMESPACE", "dynamo"),
+                    busy_threshold=float(os.environ.get("WORKERMON_BUSY_THRESHOLD", "0.9")),
+                )
             mon.start()
             mon.wait_ready(10)
             _monitor = mon
@@ -40,7 +48,7 @@ def stop_monitor() -> None:
             _monitor = None
 
 
-def monitor() -> WorkerMonitor:
+def monitor() -> Any:
     return _monitor if _monitor is not None else start_monitor()
 
 
@@ -54,9 +62,11 @@ def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
                            "busy": sorted(mon.busy_workers())}).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body]
-    free = sorted(mon.free_workers())
-    if not free:
+    reservation = mon.reserve()
+    if reservation is None:
         start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")])
         return [b'{"error": "All workers are busy, please retry later"}']
+    with reservation:  # a real app forwards the request here (see flask_router.py)
+        body = json.dumps({"pid": os.getpid(), "worker": f"{reservation.worker_id:x}"}).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
-    return [json.dumps({"pid": os.getpid(), "worker": f"{free[0]:x}"}).encode()]
+    return [body]

@@ -183,15 +183,18 @@ def _get(url: str) -> Tuple[int, Dict[str, Any]]:
         return err.code, json.loads(err.read())
 
 
-def test_gunicorn_post_fork(etcd_server: EtcdServer, nats_server: NatsServer, namespace: str) -> None:
+@pytest.mark.parametrize("mode, workers", [("per-process", 2), ("agent", 4)])
+def test_gunicorn_post_fork(etcd_server: EtcdServer, nats_server: NatsServer, namespace: str, mode: str,
+                            workers: int, tmp_path: Path) -> None:
     gunicorn = Path(sys.executable).parent / "gunicorn"
     if not gunicorn.exists():
         pytest.skip("gunicorn is not installed (pip install 'workermon[examples]')")
     pub = WorkerPublisher([etcd_server.url], [nats_server.url], namespace=namespace, total_kv_blocks=100).start()
     port = free_port()
+    sock_dir = tmp_path / "agent"
     env = dict(os.environ, WORKERMON_BIND=f"127.0.0.1:{port}", ETCD_ENDPOINTS=etcd_server.url,
-               NATS_SERVER=nats_server.url, DYN_NAMESPACE=namespace, WORKERMON_GUNICORN_WORKERS="2",
-               PYTHONPATH=str(ROOT))
+               NATS_SERVER=nats_server.url, DYN_NAMESPACE=namespace, WORKERMON_GUNICORN_WORKERS=str(workers),
+               PYTHONPATH=str(ROOT), WORKERMON_MODE=mode, WORKERMON_AGENT_SOCKET=str(sock_dir / "agent.sock"))
     proc = subprocess.Popen([str(gunicorn), "-c", "examples/gunicorn.conf.py", "examples.wsgi_app:app"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -200,7 +203,7 @@ def test_gunicorn_post_fork(etcd_server: EtcdServer, nats_server: NatsServer, na
         pids = set()
         # Both forked workers must serve a live view of their own (bounded poll
         # of another process: there is no event to wait on across processes).
-        while time.monotonic() < deadline and len(pids) < 2:
+        while time.monotonic() < deadline and len(pids) < workers:
             try:
                 status, body = _get(base + "/workers")
             except OSError:
@@ -208,7 +211,7 @@ def test_gunicorn_post_fork(etcd_server: EtcdServer, nats_server: NatsServer, na
                 continue
             if status == 200 and body["members"] == [pub.worker_id]:
                 pids.add(body["pid"])
-        assert len(pids) == 2, "both gunicorn workers should report the worker"
+        assert len(pids) == workers, "every gunicorn worker should report the worker"
         assert proc.pid not in pids
         statuses = set()
         deadline = time.monotonic() + 30
