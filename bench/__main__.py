@@ -561,6 +561,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # 6. picking: spread between two reports, and the cost of reserve()+release()
     rows.extend(picking_rows(smoke))
+    # 7. one agent per host vs one monitor per gunicorn process (bench/host.py)
+    from bench.host import rows as host_rows
+
+    rows.extend(host_rows(seconds=1.5 if smoke else 8.0))
     # 3. fleet scale, side by side
     # Best of three per size: the machine is shared, the minimum is the cost.
     cost = {w: min(per_event_workermon(w, scale_events) for _ in range(3)) for w in (10, 1000, 10_000)}
@@ -624,6 +628,13 @@ How each figure is measured:
 - **latency**: a paced publisher (5,000 msg/s over 1,000 workers) alternates each worker between 950
   and 10 blocks, so every message flips a worker; each callback is matched to the send time of the
   message that caused it. The ZMQ row does the same over the 1.6 frames.
+- **gunicorn + agent** (`bench/host.py`): gunicorn with 4 sync workers runs a WSGI app that answers each
+  request after `reserve()`/`release()`; a load generator (8 threads, a new connection per request)
+  drives it for 8 s while a separate publisher sends 20,000 LoadEvents/s over 200 workers. Configurations
+  in turn: a constant worker (no monitor), one `WorkerMonitor` per gunicorn process, one `workermon agent`
+  + `SharedMonitor`. "CPU spent on monitoring" is the processes' CPU (workers + agent, from /proc) beyond
+  what the no-monitor run spent per request, per second. Propagation: a `SharedMonitor` in another
+  process timestamps each busy-set change against the agent's own callback (200 flips).
 - **per-event cost**: the reducer's own code path in one thread (decode, apply under the lock,
   commit, snapshot swap), in batches of 256, against the seed's shape (scan every worker per event).
 - **reads**: `timeit` of `is_busy()` / `busy_workers()` on a monitor whose snapshot holds the fleet.
