@@ -217,6 +217,27 @@ def _monitor_from_args(args: argparse.Namespace) -> WorkerMonitor:
         raise UserError(str(exc)) from None
 
 
+def _serve_metrics(args: argparse.Namespace, mon: WorkerMonitor) -> Any:
+    if args.metrics_port is None:
+        return None
+    try:
+        from .prometheus import serve
+    except ImportError:
+        raise UserError("--metrics-port needs prometheus_client: pip install 'workermon[prometheus]'") from None
+    try:
+        return serve(mon, args.metrics_port, args.metrics_host)
+    except OSError as exc:
+        raise UserError(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc}") from None
+
+
+def _stop_metrics(served: Any) -> None:
+    if served is not None:
+        server, thread = served
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     from ._agent import Agent, default_socket_path
 
@@ -235,6 +256,7 @@ def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     # hold the GIL; a shorter switch interval (default 5 ms) lets the agent
     # thread answer within a fraction of a millisecond (measured: bench.host).
     sys.setswitchinterval(args.switch_interval)
+    served = _serve_metrics(args, mon)
     mon.start()
     agent.start()
     try:
@@ -249,6 +271,7 @@ def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     finally:
         agent.stop()
         mon.stop()
+        _stop_metrics(served)
         log.info("workermon agent stopped; %s removed", path)
     return 0
 
@@ -261,6 +284,7 @@ def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
     mon = _monitor_from_args(args)
     view = View(mon, sys.stdout, args.json, args.plain, args.interval or (5.0 if args.plain else 1.0), args.why)
     view.attach()
+    served = _serve_metrics(args, mon)
     mon.start()
     try:
         _wait_ready_or_explain(mon, args.connect_timeout, etcd, nats)
@@ -270,6 +294,7 @@ def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
             view._draw()
     finally:
         mon.stop()
+        _stop_metrics(served)
     return 0
 
 
@@ -414,6 +439,10 @@ def _add_monitor_args(w: argparse.ArgumentParser) -> None:
                         "found in etcd and NATS where reachable)")
     w.add_argument("--zmq-broker-url", default=None, metavar="URL",
                    help="ZMQ broker mode: 'xsub=…, xpub=tcp://h:p;…' (default $DYN_ZMQ_BROKER_URL)")
+    w.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at /metrics on this port (needs workermon[prometheus])")
+    w.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default 127.0.0.1: loopback only)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
