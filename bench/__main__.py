@@ -118,9 +118,27 @@ def run_naive(nats_url: str, subject: str, workers: int, count: int) -> float:
 
 
 def run_workermon(etcd_url: str, nats_url: str, ns: str, workers: int, count: int,
-                  readers: int = 0, plane: str = "nats", reserve: bool = False) -> Tuple[float, Dict[str, int]]:
+                  readers: int = 0, plane: str = "nats", reserve: bool = False,
+                  scraped: bool = False) -> Tuple[float, Dict[str, int]]:
     mon = _monitor(plane, etcd_url, nats_url, ns)
     mon.start()
+    scraper: Optional[threading.Thread] = None
+    stop_scraper = threading.Event()
+    if scraped:
+        # A Prometheus collector registered, scraped once a second as a server would.
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from workermon.prometheus import register
+
+        registry = CollectorRegistry()
+        register(mon, registry)
+
+        def scrape() -> None:
+            while not stop_scraper.wait(1.0):
+                generate_latest(registry)
+
+        scraper = threading.Thread(target=scrape, name="bench-scraper")
+        scraper.start()
     stop_readers = threading.Event()
     reads = [0] * readers
 
@@ -178,6 +196,9 @@ def run_workermon(etcd_url: str, nats_url: str, ns: str, workers: int, count: in
                 "reads": sum(reads)}
         return (count + 1) / (done - go), info
     finally:
+        stop_scraper.set()
+        if scraper is not None:
+            scraper.join()
         stop_readers.set()
         for t in threads:
             if t.is_alive():
@@ -538,10 +559,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             rr, resinfo = run_workermon(etcd.url, nats_server.url, ns, workers, count, readers=8, reserve=True)
             res_r.append(rr)
         ratio_r = statistics.median(res_r) / statistics.median(idle_r)
+        # Side by side: idle, then with a Prometheus collector registered and scraped at 1 Hz.
+        plain_s, scraped_s = [], []
+        for _ in range(rounds):
+            plain_s.append(run_workermon(etcd.url, nats_server.url, ns, workers, count)[0])
+            scraped_s.append(run_workermon(etcd.url, nats_server.url, ns, workers, count, scraped=True)[0])
+        ratio_s = statistics.median(scraped_s) / statistics.median(plain_s)
         rows.append(("ingest while 8 router threads reserve()+release() (~1k/s each)",
                      f"{statistics.median(res_r):,.0f} msg/s", "≥ 0.9× idle",
                      f"{ratio_r:.2f}× of idle ({statistics.median(idle_r):,.0f}/s, same run) "
                      f"{'✅' if ratio_r >= 0.9 else '❌'}"))
+        rows.append(("ingest with a Prometheus collector registered (scraped at 1 Hz)",
+                     f"{statistics.median(scraped_s):,.0f} msg/s", "must not move (collection at scrape time)",
+                     f"{ratio_s:.2f}× without ({statistics.median(plain_s):,.0f}/s, same run)"))
         # 2. latency
         lat = run_latency(etcd.url, nats_server.url, ns, lat_workers, lat_rate, lat_secs)
         rows.append((f"latency publish→callback @ {lat_rate:,.0f}/s, {lat_workers} workers",
