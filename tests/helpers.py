@@ -6,7 +6,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from workermon._etcd import EtcdConfig, make_client
 
@@ -168,6 +168,19 @@ class RawNatsSubscriber:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wait_until(predicate: "Callable[[], bool]", timeout: float = 10.0, pause: float = 0.02) -> bool:
+    """Poll a condition that has no event to wait on (another process's state, a counter of a
+    source thread), with a deadline; returns whether it came true."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        retry_pause(pause)
+    return True
 
 
 def retry_pause(seconds: float = 0.1) -> None:

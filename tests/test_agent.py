@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -21,12 +20,12 @@ from typing import Any, Callable, Iterator, List
 
 import pytest
 
-from workermon import BusyChange, SharedMonitor, WorkerMonitor, WorkerPublisher
+from workermon import SharedMonitor, WorkerMonitor, WorkerPublisher
 from workermon._agent import Agent, FrameReader, encode_frame
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .conftest import Changes
-from .helpers import card_json, card_key, retry_pause
+from .helpers import card_json, card_key, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 Make = Callable[..., WorkerMonitor]
@@ -67,13 +66,6 @@ def shared(sock_path: str) -> Iterator[Callable[..., SharedMonitor]]:
         assert m.stop(5)
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        retry_pause(0.02)
-    return True
 
 
 class Client:
@@ -129,8 +121,12 @@ def test_client_processes_see_the_agents_busy_sets_and_versions(
             assert c.ask(f"wait {mon.version}") == want
         assert local.wait_for(lambda: local.version == mon.version, 10)
         assert local.busy_workers() == mon.busy_workers() and local.members() == mon.members()
-        seen = [changes.get() for _ in range(5)]  # the initial call, then one per change
-        assert seen[0].version == seen[0].version and seen[-1].busy == mon.busy_workers()
+        # The initial call, then the changes (several in one push are coalesced, as in a batch).
+        seen = [changes.get()]
+        while seen[-1].version < mon.version:
+            seen.append(changes.get())
+        assert [c.version for c in seen] == sorted({c.version for c in seen})
+        assert seen[-1].busy == mon.busy_workers() and seen[-1].version == mon.version
         st = local.load_state(pubs[1].worker_id)
         assert st is not None and st.busy and dict(st.kv_active_blocks) == {0: 95}
         assert "BUSY" in str(local.why(pubs[1].worker_id))
@@ -160,10 +156,10 @@ def test_reservations_from_four_processes_spread_evenly(agent: Agent, etcd: Any,
         assert max(counts.values()) - min(counts.values()) <= 4, counts  # host-wide credit: no herd
         assert mon.health().picker["in_flight"] == 100
         clients[0].ask("release")  # releases are sent without waiting for an answer
-        assert _wait_until(lambda: mon.health().picker["in_flight"] == 75)
+        assert wait_until(lambda: mon.health().picker["in_flight"] == 75)
         clients[1].proc.kill()  # a client that dies holds nothing
         clients[1].proc.wait(10)
-        assert _wait_until(lambda: mon.health().picker["in_flight"] == 50)
+        assert wait_until(lambda: mon.health().picker["in_flight"] == 50)
     finally:
         for c in clients:
             if c.proc.poll() is None:
@@ -190,7 +186,7 @@ def test_agent_kill_and_restart(etcd_server: EtcdServer, nats_server: NatsServer
         assert client.wait_for(lambda: client.busy_workers() == {pub.worker_id}, 10)
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
-        assert _wait_until(lambda: not client.ready)
+        assert wait_until(lambda: not client.ready)
         # Reads go on from the last state; health and readiness say the agent is gone.
         assert client.busy_workers() == {pub.worker_id} and client.members() == {pub.worker_id}
         assert not client.wait_ready(0.2)
@@ -264,7 +260,7 @@ def test_socket_is_private_and_other_users_are_refused(agent: Agent, sock_path: 
         os.close(r)
         os.waitpid(pid, 0)
         assert b"may not connect" in answer, answer
-        assert _wait_until(lambda: agent.counters.get("refused", 0) == 1)
+        assert wait_until(lambda: agent.counters.get("refused", 0) == 1)
     finally:
         os.chmod(os.path.dirname(sock_path), 0o700)
         os.chmod(sock_path, 0o600)

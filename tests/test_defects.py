@@ -21,8 +21,15 @@ from workermon._model import Card, CardListing, CardPut, LoadReport, Thresholds
 from workermon._reduce import FleetState, apply_all
 from workermon._servers import EtcdServer, NatsServer, free_port
 
-
-from .helpers import RawNatsPublisher, active_load, card_json, card_key, etcd_client, retry_pause
+from .helpers import (
+    RawNatsPublisher,
+    active_load,
+    card_json,
+    card_key,
+    etcd_client,
+    retry_pause,
+    wait_until,
+)
 from .proxy import CuttableProxy
 
 W1, W2 = 0x694D967CA5EFD804, 0x694D967CA5EFD806
@@ -288,7 +295,7 @@ def test_oversized_dropped_before_queueing_and_bytes_bounded(
         for _ in range(20):
             publisher.publish(subject, fill)
         publisher.flush()
-        assert _wait_until(lambda: mon.health().nats.counters.get("dropped_backlog", 0) > 0)
+        assert wait_until(lambda: mon.health().nats.counters.get("dropped_backlog", 0) > 0)
         h = mon.health()
         assert h.reducer["queued_bytes"] <= 200_000
         assert h.nats.counters["malformed_oversized"] == 30
@@ -298,13 +305,6 @@ def test_oversized_dropped_before_queueing_and_bytes_bounded(
     lease.revoke()
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        retry_pause(0.02)
-    return True
 
 
 # --- 10. compaction between pages is a resync; last_error is cleared -------------------------
@@ -343,7 +343,7 @@ def test_last_error_cleared_after_recovery(fresh_etcd: EtcdServer, nats_server: 
     mon = WorkerMonitor([fresh_etcd.url], [nats_server.url], namespace=namespace, backoff_cap=0.3)
     mon.start()
     try:
-        assert _wait_until(lambda: mon.health().etcd.last_error is not None)
+        assert wait_until(lambda: mon.health().etcd.last_error is not None)
         fresh_etcd.restart()
         assert mon.wait_ready(15)
         assert mon.health().etcd.last_error is None
@@ -358,7 +358,7 @@ def test_first_nats_connect_failures_are_counted(etcd_server: EtcdServer, namesp
                         backoff_initial=0.05, backoff_cap=0.2)
     mon.start()
     try:
-        assert _wait_until(lambda: mon.health().nats.counters.get("connect_failures", 0) >= 3)
+        assert wait_until(lambda: mon.health().nats.counters.get("connect_failures", 0) >= 3)
         assert mon.health().nats.state == "connecting"
     finally:
         assert mon.stop(5)
@@ -390,10 +390,10 @@ def test_stop_applies_everything_queued_before_it(
     for key in keys:
         etcd.put(key, card_json(10))
     try:
-        assert _wait_until(lambda: mon.health().reducer["queued_card_events"] == 700), mon.health()
+        assert wait_until(lambda: mon.health().reducer["queued_card_events"] == 700), mon.health()
         stopper = threading.Thread(target=mon.stop, kwargs={"timeout": 10})
         stopper.start()
-        assert _wait_until(lambda: mon._stopping.is_set())
+        assert wait_until(lambda: mon._stopping.is_set())
     finally:
         release.set()
     stopper.join(10)

@@ -21,7 +21,7 @@ from workermon import WorkerMonitor, WorkerPublisher
 from workermon._parse import Malformed, parse_channel, parse_load, parse_zmq_frames
 from workermon._servers import EtcdServer, NatsServer, free_port
 
-from .helpers import SAMPLES, retry_pause
+from .helpers import SAMPLES, wait_until
 
 Make = Callable[..., WorkerMonitor]
 
@@ -63,13 +63,6 @@ def zpub(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[..., Work
         pub.stop()
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        retry_pause(0.02)
-    return True
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -103,7 +96,7 @@ def test_channel_key_gone_disconnects(zmon: Make, zpub: Any) -> None:
     assert mon.wait_for(lambda: mon.health().zmq.counters.get("endpoints_connected") == 2, 10)
     pubs[0].stop()  # revokes its lease: the card and the channel go
     assert mon.wait_for(lambda: mon.members() == {pubs[1].worker_id}, 10)
-    assert _wait_until(lambda: mon.health().zmq.counters.get("endpoints_connected") == 1)
+    assert wait_until(lambda: mon.health().zmq.counters.get("endpoints_connected") == 1)
     assert mon.health().zmq.counters["disconnects"] == 1
 
 
@@ -119,7 +112,7 @@ def test_killed_worker_leaves_within_ttl(zmon: Make, zpub: Any) -> None:
     pub.stop(revoke=False)  # as SIGKILL: no revoke, the lease expires
     assert mon.wait_for(lambda: not mon.members(), 10)
     assert time.monotonic() - killed <= 2 + 1.5
-    assert _wait_until(lambda: mon.health().zmq.counters.get("endpoints_connected") == 0)
+    assert wait_until(lambda: mon.health().zmq.counters.get("endpoints_connected") == 0)
 
 
 def test_data_parallel_worker_over_zmq(zmon: Make, zpub: Any) -> None:
@@ -258,7 +251,7 @@ def test_broker_mode_dedups_across_brokers(zmon: Make, zpub: Any, namespace: str
             send(10 if k == 49 else 999, seq + k)
         assert mon.wait_for(lambda: not mon.is_busy(pub.worker_id), 10)
         # Each of the 50 came through both brokers: one copy applied, one dropped.
-        assert _wait_until(lambda: mon.health().zmq.counters.get("duplicates", 0) - dup_before >= 50)
+        assert wait_until(lambda: mon.health().zmq.counters.get("duplicates", 0) - dup_before >= 50)
         applied = mon.health().reducer["load_reports"]
         assert 50 <= applied <= seq + 50  # never a message applied twice
     finally:

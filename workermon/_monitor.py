@@ -462,16 +462,7 @@ class WorkerMonitor:
         """
         if self.static:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._applied_cond:
-            while not self.ready:
-                if self._stopping.is_set():
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._applied_cond.wait(remaining)
-            return True
+        return wait_on(self._applied_cond, lambda: self.ready, timeout, self._stopping, stop_value=False)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = 5.0) -> bool:
         """Wait until ``predicate()`` is true, re-checking after every applied batch.
@@ -483,16 +474,7 @@ class WorkerMonitor:
         For scripts and tests, e.g. ``mon.wait_for(lambda: len(mon.members()) == 3)``.
         Not from a callback: the reducer thread would wait on itself.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._applied_cond:
-            while True:
-                value = predicate()
-                if value or self._stopping.is_set():
-                    return value
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return value
-                self._applied_cond.wait(remaining)
+        return wait_on(self._applied_cond, predicate, timeout, self._stopping)
 
     @property
     def ready(self) -> bool:
@@ -961,6 +943,27 @@ class WorkerMonitor:
             f"<WorkerMonitor {mode} namespace={self.namespace!r} members={len(self._snapshot.members)} "
             f"busy={len(self._snapshot.busy)} version={self._snapshot.version}>"
         )
+
+
+def wait_on(cond: threading.Condition, predicate: Callable[[], bool], timeout: Optional[float],
+            stopping: threading.Event, stop_value: Optional[bool] = None) -> bool:
+    """Wait on ``cond`` (notified after every change) until ``predicate()``; its last value.
+
+    Returns at once once ``stopping`` is set (``predicate()``, or ``stop_value`` when given):
+    nothing will change any more.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with cond:
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if stopping.is_set():
+                return value if stop_value is None else stop_value
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return value
+            cond.wait(remaining)
 
 
 def _check_name(what: str, value: str) -> None:

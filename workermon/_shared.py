@@ -36,7 +36,7 @@ import attrs
 from ._agent import FrameError, FrameReader, default_socket_path, encode_frame
 from ._health import Backoff, Health, SourceHealth
 from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
-from ._monitor import CallbackHandle, _Snapshot
+from ._monitor import CallbackHandle, _Snapshot, wait_on
 from ._picker import Reservation, check_strategy
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class SharedMonitor:
         self._backoff = (backoff_initial, backoff_cap)
         self._snapshot = _Snapshot(frozenset(), frozenset(), 0)
         self._agent_ready = False
+        self._had_ready_state = False
         self._connected = False
         self._stopping = threading.Event()
         self._cond = threading.Condition()
@@ -187,18 +188,7 @@ class SharedMonitor:
         return self._wait(predicate, timeout)
 
     def _wait(self, predicate: Callable[[], bool], timeout: Optional[float], stop_value: Optional[bool] = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                value = predicate()
-                if value:
-                    return value
-                if self._stopping.is_set():
-                    return value if stop_value is None else stop_value
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return value
-                self._cond.wait(remaining)
+        return wait_on(self._cond, predicate, timeout, self._stopping, stop_value)
 
     # --- picking ------------------------------------------------------------------------
 
@@ -416,6 +406,16 @@ class SharedMonitor:
         except (KeyError, TypeError, ValueError):
             self._count("malformed")
             raise ConnectionError("malformed state from the agent") from None
+        if not msg.get("ready") and self._had_ready_state:
+            # A restarted agent that has not listed the fleet yet: its view is incomplete;
+            # keep serving the last complete state until it is ready.
+            self._agent_ready = False
+            with self._cond:
+                self._cond.notify_all()
+            return
+        self._had_ready_state = self._had_ready_state or bool(msg.get("ready"))
+        # A callback registered since the last state first gets that state, then this change.
+        self._deliver_initial()
         old = self._snapshot
         self._snapshot = _Snapshot(busy, members, version)
         self._last_state_at = time.monotonic()

@@ -175,12 +175,7 @@ def _check_fleet(release: str, label: str, fmt: str, etcd: EtcdServer, fleet: Dy
     fleet.start()
     mon.start()
     try:
-        assert mon.wait_ready(60)
-        assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 90), fleet.logs()
-        deadline = time.monotonic() + 90
-        while not fleet.models_listed():
-            assert time.monotonic() < deadline, fleet.logs()
-            retry_pause(0.25)
+        _until_serving(fleet, mon)
 
         # Members equal the workers' cards; totals equal --num-gpu-blocks-override.
         client = etcd_client(etcd.url)
@@ -254,6 +249,16 @@ def _check_fleet(release: str, label: str, fmt: str, etcd: EtcdServer, fleet: Dy
         _record(release, result)
         mon.stop()
         fleet.stop()
+
+
+def _until_serving(fleet: DynamoFleet, mon: WorkerMonitor) -> None:
+    """The monitor is ready with every worker, and the frontend lists the model."""
+    assert mon.wait_ready(60)
+    assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 90), fleet.logs()
+    deadline = time.monotonic() + 90
+    while not fleet.models_listed():  # another process's HTTP port: a bounded poll
+        assert time.monotonic() < deadline, fleet.logs()
+        retry_pause(0.25)
 
 
 class ZmqLastPublished:
@@ -354,12 +359,7 @@ def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch
         fleet.start()
         mon.start()
         try:
-            assert mon.wait_ready(60)
-            assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 90), fleet.logs()
-            deadline = time.monotonic() + 90
-            while not fleet.models_listed():
-                assert time.monotonic() < deadline, fleet.logs()
-                retry_pause(0.25)
+            _until_serving(fleet, mon)
             frontend = f"http://127.0.0.1:{fleet.http_port}"
             app = create_app(mon, frontend_url=frontend)
             model = fleet.served_model()
