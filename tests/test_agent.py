@@ -338,3 +338,23 @@ def test_one_nats_connection_per_host(etcd_server: EtcdServer, namespace: str, s
                 c.close()
             assert a.stop(5)
             assert mon.stop(5)
+
+
+def test_agent_over_the_zmq_plane(etcd_server: EtcdServer, namespace: str, sock_path: str, shared: Any) -> None:
+    mon = WorkerMonitor([etcd_server.url], None, namespace=namespace, event_plane="zmq")
+    mon.start()
+    a = Agent(mon, sock_path).bind()
+    a.start()
+    pub = WorkerPublisher([etcd_server.url], namespace=namespace, total_kv_blocks=100, event_plane="zmq").start()
+    try:
+        client = shared()
+        assert client.wait_ready(10) and mon.wait_ready(10)
+        assert pub.wait_subscribed(10)
+        pub.report(99)
+        assert client.wait_for(lambda: client.busy_workers() == {pub.worker_id}, 10)
+        assert client.reserve() is None  # host-wide: the only worker is busy
+        assert client.health().zmq.state == "connected"
+    finally:
+        pub.stop()
+        assert a.stop(5)
+        assert mon.stop(5)
