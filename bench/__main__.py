@@ -684,14 +684,15 @@ Targets not reached, and why:
   re-evaluated; there is no scan), but at 10,000 workers each event touches a different worker's
   objects, so memory latency adds ~0.3 µs per event (~0.85×); at 1,000 workers it is ~0.93×.
 - **gunicorn + agent: requests/s ≥ 0.9× no monitor; monitoring CPU ≤ 0.3× per-process.** Not reached
-  on this 2-core machine: the agent configuration serves ~1.6× the per-process one but ~0.55× the
-  constant worker. Everything shares two cores (4 gunicorn workers, the load generator's threads, the
+  on this 2-core machine: the agent configuration serves 1.2–1.8× the per-process one but 0.47–0.80×
+  the constant worker across runs (the ingest-while-reserving row likewise moves around its target,
+  0.87–0.92×). Everything shares two cores (4 gunicorn workers, the load generator's threads, the
   publisher at 20,000 reports/s and the agent), and each `reserve()` is a round trip to the agent,
   whose one process also ingests the 20,000 reports/s; with Python's default 5 ms GIL switch interval
   that round trip waited on the ingest threads (297 req/s), so the agent runs with a 0.2 ms interval
   (~500–750 req/s). The per-process configuration is CPU-starved here (four monitors cannot each keep
   up with 20,000 reports/s on two cores), which caps the CPU it can spend and makes the CPU ratio
-  (~0.8×) an underestimate of the saving. What would close the gap (not built): picking inside the
+  (0.5–0.9×) an underestimate of the saving. What would close the gap (not built): picking inside the
   client from shared-memory load figures, booking asynchronously, so that the request path never waits
   on another process. The busy-set propagation target (p99 ≤ 5 ms) is met with a wide margin.
 """
