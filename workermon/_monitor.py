@@ -159,7 +159,50 @@ class CallbackHandle:
         return f"<CallbackHandle {getattr(self.callback, '__qualname__', self.callback)!r} {state}>"
 
 
-class WorkerMonitor:
+class SnapshotReads:
+    """The lock-free, O(1) reads of an immutable :class:`_Snapshot`, shared by
+    :class:`WorkerMonitor` and :class:`~workermon.SharedMonitor` (which swap
+    ``_snapshot`` in whole and refuse to be read across a fork)."""
+
+    _snapshot: _Snapshot
+    _forked_from: Optional[int]
+
+    def _check_fork(self) -> None:
+        raise NotImplementedError
+
+    def busy_workers(self) -> frozenset[int]:
+        """The busy set: lock-free, O(1), any thread."""
+        if self._forked_from is not None:
+            self._check_fork()
+        return self._snapshot.busy
+
+    def free_workers(self) -> frozenset[int]:
+        """Members that are not busy: lock-free, O(1), any thread."""
+        if self._forked_from is not None:
+            self._check_fork()
+        return self._snapshot.free
+
+    def members(self) -> frozenset[int]:
+        """Every worker with at least one card: lock-free, O(1), any thread."""
+        if self._forked_from is not None:
+            self._check_fork()
+        return self._snapshot.members
+
+    def is_busy(self, worker_id: int) -> bool:
+        """Whether ``worker_id`` is busy (False for unknown ids): lock-free, O(1)."""
+        if self._forked_from is not None:
+            self._check_fork()
+        if worker_id < 0:
+            worker_id += 1 << 64
+        return worker_id in self._snapshot.busy
+
+    @property
+    def version(self) -> int:
+        """The number of busy-set changes so far."""
+        return self._snapshot.version
+
+
+class WorkerMonitor(SnapshotReads):
     """Which Dynamo workers are busy, kept current by three threads.
 
     Create it, register callbacks, :meth:`start` it, then read
@@ -502,39 +545,6 @@ class WorkerMonitor:
                 listener()
             except Exception:  # noqa: BLE001
                 log.exception("workermon snapshot listener failed")
-
-    # --- reads (lock-free) ----------------------------------------------------
-
-    def busy_workers(self) -> frozenset[int]:
-        """The busy set: lock-free, O(1), any thread."""
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.busy
-
-    def free_workers(self) -> frozenset[int]:
-        """Members that are not busy: lock-free, O(1), any thread."""
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.free
-
-    def members(self) -> frozenset[int]:
-        """Every worker with at least one card: lock-free, O(1), any thread."""
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.members
-
-    def is_busy(self, worker_id: int) -> bool:
-        """Whether ``worker_id`` is busy (False for unknown ids): lock-free, O(1)."""
-        if self._forked_from is not None:
-            self._check_fork()
-        if worker_id < 0:
-            worker_id += 1 << 64
-        return worker_id in self._snapshot.busy
-
-    @property
-    def version(self) -> int:
-        """The number of busy-set changes so far."""
-        return self._snapshot.version
 
     def load_states(self) -> Dict[int, WorkerLoadState]:
         """A consistent copy of every member's state (takes the lock; O(fleet))."""

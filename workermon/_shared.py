@@ -36,7 +36,7 @@ import attrs
 from ._agent import FrameError, FrameReader, default_socket_path, encode_frame
 from ._health import Backoff, Health, SourceHealth
 from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
-from ._monitor import CallbackHandle, _Snapshot, wait_on
+from ._monitor import CallbackHandle, SnapshotReads, _Snapshot, wait_on
 from ._picker import Reservation, check_strategy
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _RemoteBooking:
         self.wid = wid
 
 
-class SharedMonitor:
+class SharedMonitor(SnapshotReads):
     """The same API as :class:`WorkerMonitor` for everything a router uses, over the host agent.
 
     Create it after fork (gunicorn ``post_fork``), like ``WorkerMonitor``.
@@ -146,34 +146,6 @@ class SharedMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    # --- reads (lock-free, O(1)) ------------------------------------------------------
-
-    def busy_workers(self) -> frozenset[int]:
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.busy
-
-    def free_workers(self) -> frozenset[int]:
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.free
-
-    def members(self) -> frozenset[int]:
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.members
-
-    def is_busy(self, worker_id: int) -> bool:
-        if self._forked_from is not None:
-            self._check_fork()
-        if worker_id < 0:
-            worker_id += 1 << 64
-        return worker_id in self._snapshot.busy
-
-    @property
-    def version(self) -> int:
-        return self._snapshot.version
 
     @property
     def ready(self) -> bool:
