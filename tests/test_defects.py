@@ -224,12 +224,14 @@ def test_stop_during_first_nats_subscribe(etcd_server: EtcdServer, nats_server: 
         proxy.close()
 
 
-# --- 8. etcd events and wake-ups are bounded while a callback blocks ------------------------
+# --- a reducer held in a callback (for the bounds below) -------------------------------------
 
-def test_queue_bounded_while_a_callback_blocks(
-    make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
-) -> None:
-    mon = make_monitor(max_queued_messages=10)
+def _block_the_reducer(mon: WorkerMonitor, etcd: Any, namespace: str,
+                       publisher: RawNatsPublisher) -> "tuple[Any, threading.Event]":
+    """Start ``mon`` with one worker and hold its reducer inside a callback (the worker went busy).
+
+    Returns the worker's lease and the event that lets the callback return.
+    """
     lease = etcd.lease(60)
     etcd.put(card_key(namespace, lease.id), card_json(1000), lease=lease)
     mon.start()
@@ -246,6 +248,16 @@ def test_queue_bounded_while_a_callback_blocks(
     publisher.publish(f"namespace.{namespace}.kv_metrics", active_load(lease.id, kv_used_blocks=990))
     publisher.flush()
     assert entered.wait(10)
+    return lease, release
+
+
+# --- 8. etcd events and wake-ups are bounded while a callback blocks ------------------------
+
+def test_queue_bounded_while_a_callback_blocks(
+    make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
+) -> None:
+    mon = make_monitor(max_queued_messages=10)
+    lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
     try:
         keys = [card_key(namespace, 0x100000 + i) for i in range(3000)]
         for key in keys:
@@ -270,23 +282,8 @@ def test_oversized_dropped_before_queueing_and_bytes_bounded(
     make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
     mon = make_monitor(max_load_bytes=60_000, max_queued_bytes=200_000)
-    lease = etcd.lease(60)
-    etcd.put(card_key(namespace, lease.id), card_json(1000), lease=lease)
-    mon.start()
-    assert mon.wait_ready(10)
-    assert mon.wait_for(lambda: mon.members() == {lease.id}, 10)
-    entered, release = threading.Event(), threading.Event()
-
-    def block(change: BusyChange) -> None:
-        if change.became_busy:
-            entered.set()
-            release.wait(30)
-
-    mon.on_busy_change(block)
+    lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
     subject = f"namespace.{namespace}.kv_metrics"
-    publisher.publish(subject, active_load(lease.id, kv_used_blocks=990))
-    publisher.flush()
-    assert entered.wait(10)
     try:
         big = active_load(lease.id, kv_used_blocks=5, pad="x" * 900_000)
         for _ in range(30):
@@ -370,22 +367,7 @@ def test_stop_applies_everything_queued_before_it(
     make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
     mon = make_monitor()
-    lease = etcd.lease(60)
-    etcd.put(card_key(namespace, lease.id), card_json(1000), lease=lease)
-    mon.start()
-    assert mon.wait_ready(10)
-    entered, release = threading.Event(), threading.Event()
-
-    def block(change: BusyChange) -> None:
-        if change.became_busy:
-            entered.set()
-            release.wait(30)
-
-    mon.on_busy_change(block)
-    assert mon.wait_for(lambda: mon.members() == {lease.id}, 10)
-    publisher.publish(f"namespace.{namespace}.kv_metrics", active_load(lease.id, kv_used_blocks=990))
-    publisher.flush()
-    assert entered.wait(10)
+    lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
     keys = [card_key(namespace, 0x300000 + i) for i in range(700)]
     for key in keys:
         etcd.put(key, card_json(10))
