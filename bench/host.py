@@ -9,10 +9,8 @@ process, one agent + SharedMonitor.  Plus the p99 agent → client propagation o
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -14,6 +14,9 @@ import json
 import socket
 import sys
 import time
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 BASE = 0x7000_0000_0000
 
@@ -28,6 +31,22 @@ def payload(worker_id: int, active: int, total: int = 1000, **extra: object) -> 
                     "spec_decode_stats": None}}
     msg.update(extra)
     return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def paced(items: Sequence[T], rate: float, send: Callable[[T], object]) -> "array.array[float]":
+    """Send ``items`` at ``rate`` per second; each one's send time (wall clock, float64)."""
+    times = array.array("d")
+    start = time.perf_counter()
+    wall0 = time.time() - start
+    interval = 1.0 / rate
+    for j, item in enumerate(items):
+        due = start + j * interval
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        send(item)
+        times.append(wall0 + time.perf_counter())
+    return times
 
 
 def value_for(i: int, r: int) -> int:
@@ -72,16 +91,7 @@ def main() -> int:
         for k in range(0, len(frames), chunk):
             sock.sendall(b"".join(frames[k:k + chunk]))
     else:
-        start = time.perf_counter()
-        wall0 = time.time() - start
-        interval = 1.0 / args.rate
-        for j, fr in enumerate(frames):
-            due = start + j * interval
-            now = time.perf_counter()
-            if due > now:
-                time.sleep(due - now)
-            sock.sendall(fr)
-            times.append(wall0 + time.perf_counter())
+        times = paced(frames, args.rate, sock.sendall)
     sock.sendall(b"PING\r\n")
     while f.readline().strip() != b"PONG":
         pass

@@ -21,7 +21,7 @@ import time
 import msgspec
 import zmq
 
-from bench.publisher import BASE, value_for
+from bench.publisher import BASE, paced, value_for
 from workermon._etcd import EtcdConfig, make_client
 from workermon._parse import KV_METRICS, channel_prefix
 
@@ -78,16 +78,7 @@ def main() -> int:
             for fr in batch:
                 sock.send_multipart(fr)
         else:
-            start = time.perf_counter()
-            wall0 = time.time() - start
-            interval = 1.0 / args.rate
-            for j, fr in enumerate(batch):
-                due = start + j * interval
-                now = time.perf_counter()
-                if due > now:
-                    time.sleep(due - now)
-                sock.send_multipart(fr)
-                times.append(wall0 + time.perf_counter())
+            times = paced(batch, args.rate, sock.send_multipart)
         print("done", time.time(), flush=True)
         if args.times:
             with open(args.times, "wb") as out:
