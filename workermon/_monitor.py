@@ -84,7 +84,8 @@ _WAKE = object()
 _ETCD_ITEMS = (CardPut, CardDelete, CardListing)
 _MAX_BATCH = 512  # queue items per reducer pass (each NATS item is itself a batch)
 
-_live_monitors: "weakref.WeakSet[WorkerMonitor]" = weakref.WeakSet()
+# Started WorkerMonitors and SharedMonitors: a forked child marks its copies unusable.
+_live_monitors: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _mark_forked() -> None:

@@ -28,7 +28,6 @@ import random
 import socket as sockets
 import threading
 import time
-import weakref
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import attrs
@@ -36,24 +35,12 @@ import attrs
 from ._agent import FrameError, FrameReader, default_socket_path, encode_frame
 from ._health import Backoff, Health, SourceHealth
 from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
-from ._monitor import CallbackHandle, SnapshotReads, _Snapshot, wait_on
+from ._monitor import CallbackHandle, SnapshotReads, _live_monitors, _Snapshot, wait_on
 from ._picker import Reservation, check_strategy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AgentUnavailable", "SharedMonitor"]
-
-_live: "weakref.WeakSet[SharedMonitor]" = weakref.WeakSet()
-
-
-def _mark_forked() -> None:
-    for mon in list(_live):
-        mon._forked_from = mon._owner_pid
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_mark_forked)
-
 
 class AgentUnavailable(RuntimeError):
     """The host agent is not connected, or did not answer within the bound."""
@@ -116,7 +103,7 @@ class SharedMonitor(SnapshotReads):
                 raise RuntimeError("SharedMonitor.start() was already called; create a new one")
             self._started = True
             self._owner_pid = os.getpid()
-            _live.add(self)
+            _live_monitors.add(self)  # marked unusable in a forked child, as WorkerMonitor
             self._thread = threading.Thread(target=self._run, name="workermon-shared", daemon=True)
             self._thread.start()
         return self
