@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
+import attrs
 import msgspec
 import pytest
 
@@ -46,7 +47,7 @@ def test_real_cards_parse(version: str) -> None:
         doc = json.loads(entry["value"])
         body = doc.get("card_json", doc)
         rc = body["runtime_config"]
-        assert put.card == Card(
+        assert attrs.evolve(put.card, worker_set=(), config=()) == Card(
             total_kv_blocks=rc["total_kv_blocks"],
             data_parallel_size=rc.get("data_parallel_size", 1),
             data_parallel_start_rank=rc.get("data_parallel_start_rank", 0),
@@ -55,6 +56,17 @@ def test_real_cards_parse(version: str) -> None:
             worker_type=body.get("worker_type"),
         )
         assert put.card.total_kv_blocks == 1024
+        # Card admission: the worker set from the card (or its key), the
+        # checksummed fields with file artifacts by checksum, never by path.
+        ns, component, endpoint = entry["key"].split("/")[2:5]
+        assert put.card.worker_set == (body["display_name"], ns, component, endpoint, body.get("model_type", ""),
+                                       body.get("model_input", ""), body.get("worker_type") or "")
+        config = dict(put.card.config)
+        assert json.loads(config["kv_cache_block_size"]) == body["kv_cache_block_size"] == 16
+        tokenizer = json.loads(config["tokenizer"])
+        assert tokenizer == {"hf_tokenizer_json": {"checksum": body["tokenizer"]["hf_tokenizer_json"]["checksum"]}}
+        assert "path" not in config["model_info"] and "blake3:" in config["model_info"]
+        assert "runtime_config" not in config
 
 
 def test_older_models_prefix_card_parses() -> None:
@@ -214,7 +226,9 @@ def test_oversized_load_is_rejected_before_decoding() -> None:
 )
 def test_card_shapes(value: bytes, card: Card) -> None:
     put = parse_card("v1/mdc/ns/c/e/a", value, lease=0xA)
-    assert put.card == card and put.worker_id == 0xA
+    assert attrs.evolve(put.card, worker_set=(), config=()) == card and put.worker_id == 0xA
+    # The worker set comes from the key when the card does not name its endpoint.
+    assert put.card.worker_set[1:4] == ("ns", "c", "e")
 
 
 @pytest.mark.parametrize(

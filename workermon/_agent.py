@@ -360,6 +360,11 @@ class Agent(threading.Thread):
                 if res is not None:
                     res.release()
                 return True
+            if t == "overloaded":
+                wid = msg.get("worker_id")
+                if isinstance(wid, int) and not isinstance(wid, bool):
+                    mon.overloaded(wid)
+                return True
             if t in ("reserve", "select"):
                 kw = _pick_args(msg)
                 if t == "select":
@@ -409,7 +414,7 @@ class Agent(threading.Thread):
         return False
 
 
-_KNOWN = frozenset({"reserve", "select", "release", "why", "load_states", "health", "thresholds", "set_thresholds"})
+_KNOWN = frozenset({"reserve", "select", "release", "overloaded", "why", "load_states", "health", "thresholds", "set_thresholds"})
 
 
 def _pick_args(msg: Dict[str, Any]) -> Dict[str, Any]:

@@ -166,7 +166,7 @@ def make_client(cfg: EtcdConfig, url: str, track: Optional[Callable[[Any], None]
 class Watched:
     """One prefix the etcd source lists and watches, and what its keys become.
 
-    ``parse(key, value, lease)`` returns the put update (None: a key of no
+    ``parse(key, value, lease, create_revision)`` returns the put update (None: a key of no
     interest, e.g. another topic) or raises :class:`Malformed`;
     ``delete(key)`` and ``listing(items, revision, malformed_keys)`` build
     the other two updates; ``emit`` receives them.  ``backlogged`` says the
@@ -175,7 +175,7 @@ class Watched:
 
     name: str
     prefix: str
-    parse: Callable[[bytes, bytes, int], Optional[object]]
+    parse: Callable[[bytes, bytes, int, int], Optional[object]]
     delete: Callable[[str], object]
     listing: Callable[[Tuple[Any, ...], int, Tuple[str, ...]], object]
     emit: Optional[Callable[[object], None]] = None
@@ -192,7 +192,7 @@ def card_watch(prefix: str, max_card_bytes: int = DEFAULT_MAX_CARD_BYTES) -> Wat
     return Watched(
         name="cards",
         prefix=prefix,
-        parse=lambda k, v, lease: parse_card(k, v, lease, max_card_bytes),
+        parse=lambda k, v, lease, created: parse_card(k, v, lease, max_card_bytes, created),
         delete=lambda key: CardDelete(key=key),
         listing=lambda items, rev, bad: CardListing(cards=items, revision=rev, malformed_keys=bad),
     )
@@ -373,7 +373,7 @@ class EtcdSource(threading.Thread):
                 revision = resp.header.revision
             for kv in resp.kvs:
                 try:
-                    item = self._parse(watched, kv.key, kv.value, kv.lease)
+                    item = self._parse(watched, kv)
                 except Malformed:
                     try:
                         malformed.append(kv.key.decode("utf-8"))
@@ -464,21 +464,21 @@ class EtcdSource(threading.Thread):
             self._emit(watched, watched.delete(key))
             return
         try:
-            item = self._parse(watched, ev.kv.key, ev.kv.value, ev.kv.lease)
+            item = self._parse(watched, ev.kv)
         except Malformed:
             return
         if item is not None:
             self._emit(watched, item)
 
-    def _parse(self, watched: Watched, key: bytes, value: bytes, lease: int) -> Optional[object]:
+    def _parse(self, watched: Watched, kv: Any) -> Optional[object]:
         try:
-            return watched.parse(key, value, lease)
+            return watched.parse(kv.key, kv.value, kv.lease, kv.create_revision)
         except Malformed as exc:
             # Cards keep their historical counter names (malformed_<reason>).
             self.status.inc("malformed")
             label = "malformed" if watched.name == "cards" else f"malformed_{watched.name}"
             self.status.inc(f"{label}_{exc.reason}")
-            log.debug("ignoring malformed %s value %r: %s", watched.name, key[:200], exc)
+            log.debug("ignoring malformed %s value %r: %s", watched.name, kv.key[:200], exc)
             raise
 
 

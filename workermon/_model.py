@@ -24,6 +24,7 @@ __all__ = [
     "Explanation",
     "FeedStatus",
     "LoadReport",
+    "Overloaded",
     "RankExplanation",
     "Thresholds",
     "WorkerLoadState",
@@ -98,6 +99,13 @@ class WorkerLoadState:
     active_decode_blocks: Mapping[int, int] = attrs.field(factory=_empty_mapping)
     display_name: Optional[str] = None
     worker_type: Optional[str] = None
+    # Card admission (Dynamo 1.5+ frontends): False when the frontend would
+    # refuse this worker because its card differs from the incumbent
+    # configuration of its model (see ``WorkerMonitor.why``).  Such a worker
+    # is in ``load_states()`` only: not in ``members()``, the busy set or any pick.
+    admitted: bool = True
+    # Seconds left of a hold set by ``Reservation.overloaded()`` (None: none).
+    overload_hold_left: Optional[float] = None
 
     @property
     def declared_ranks(self) -> range:
@@ -114,7 +122,15 @@ class WorkerLoadState:
 
 @attrs.frozen
 class Card:
-    """The fields of a model deployment card that the busy rule needs."""
+    """The fields of a model deployment card that the busy rule and card admission need.
+
+    ``worker_set`` names the set of workers a frontend admits together:
+    ``(display_name, namespace, component, endpoint, model_type, model_input,
+    worker_type)``.  ``config`` holds, as ``(field, canonical JSON)`` pairs,
+    the card fields Dynamo's card checksum covers (file artifacts by their
+    checksums, not their paths); two cards of one worker set are compatible
+    when their ``config`` is equal.
+    """
 
     total_kv_blocks: Optional[int] = None
     data_parallel_size: int = 1
@@ -122,6 +138,8 @@ class Card:
     max_num_batched_tokens: Optional[int] = None
     display_name: Optional[str] = None
     worker_type: Optional[str] = None
+    worker_set: Tuple[str, ...] = ()
+    config: Tuple[Tuple[str, str], ...] = ()
 
 
 @attrs.frozen
@@ -131,6 +149,9 @@ class CardPut:
     key: str
     worker_id: int
     card: Card
+    # etcd's create revision of the key: the order in which workers
+    # registered, which decides the incumbent of card admission.
+    create_revision: int = 0
 
 
 @attrs.frozen
@@ -266,6 +287,14 @@ class ChannelListing:
 
 
 @attrs.frozen
+class Overloaded:
+    """The frontend answered 529 for a request on ``worker_id`` (see ``Reservation.overloaded``)."""
+
+    worker_id: int
+    hold: float
+
+
+@attrs.frozen
 class FeedStatus:
     """The metrics feed (NATS) went down or came back, at ``at`` (monotonic)."""
 
@@ -292,6 +321,9 @@ class RankExplanation:
     report_age: Optional[float]
     booked_blocks: int
     why: str
+    # Whether reserve() could book a request of the asked size on this rank now
+    # (free by the rule, and room below the threshold beside its bookings).
+    pickable: bool = True
 
 
 @attrs.frozen
@@ -307,6 +339,10 @@ class Explanation:
     outage_active: bool
     bookings_in_flight: int
     summary: str
+    # False: the frontend would refuse the worker (card admission; the summary says which field differs).
+    admitted: bool = True
+    # Seconds left of a hold set by ``Reservation.overloaded()`` (None: none).
+    overload_hold_left: Optional[float] = None
 
     def __str__(self) -> str:
         lines = [f"worker {self.worker_id:x}: {self.summary}"]

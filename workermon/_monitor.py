@@ -44,6 +44,7 @@ from ._model import (
     EventPlane,
     Explanation,
     OutagePolicy,
+    Overloaded,
     StalePolicy,
     Thresholds,
     WorkerLoadState,
@@ -57,7 +58,7 @@ from ._parse import (
     parse_channel,
     parse_load_fields,
 )
-from ._picker import Picker, Reservation, Strategy
+from ._picker import Picker, Reservation, Strategy, check_blocks
 from ._queue import Backlog, PayloadBatch
 from ._reduce import FleetState, Limits
 from ._zmq import ZmqConfig, ZmqSource, parse_broker_url
@@ -238,6 +239,7 @@ class WorkerMonitor(SnapshotReads):
         pending_max_workers: int = 10_000,
         pending_max_age: float = 30.0,
         max_ranks_per_worker: int = 1024,
+        pending_max_ranks: int = 20_000,
         max_queued_messages: int = 200_000,
         max_queued_bytes: int = 64 * 1024 * 1024,
         nats_pending_msgs_limit: int = 512 * 1024,
@@ -260,6 +262,8 @@ class WorkerMonitor(SnapshotReads):
         zmq_broker_url: Optional[str] = FROM_ENV,
         strategy: Strategy = "p2c",
         reservation_ttl: float = 300.0,
+        admission: bool = True,
+        overload_hold: float = 1.0,
         _clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_name("namespace", namespace)
@@ -273,7 +277,12 @@ class WorkerMonitor(SnapshotReads):
                             ("max_queued_messages", max_queued_messages), ("max_queued_bytes", max_queued_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(overload_hold, (int, float)) or isinstance(overload_hold, bool) or not (
+            0 <= overload_hold < float("inf")
+        ):
+            raise ValueError(f"overload_hold must be a number of seconds >= 0, got {overload_hold!r}")
         self.namespace = namespace
+        self.overload_hold = float(overload_hold)
         self._clock = _clock
         self._state = FleetState(
             Thresholds(
@@ -286,10 +295,12 @@ class WorkerMonitor(SnapshotReads):
                 outage_policy=outage_policy,
                 outage_grace=outage_grace,
             ),
-            Limits(pending_max_workers, pending_max_age, max_ranks_per_worker),
+            Limits(pending_max_workers, pending_max_age, max_ranks_per_worker, pending_max_ranks),
+            admission=bool(admission),
         )
         self._max_load_bytes = max_load_bytes
-        self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl)
+        self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl,
+                              overloaded=self._mark_overloaded)
         self._max_queued = max_queued_messages
         self._max_queued_bytes = max_queued_bytes
 
@@ -615,18 +626,48 @@ class WorkerMonitor(SnapshotReads):
                                    worker_type=worker_type)
         return None if chosen is None else chosen[3]
 
-    def why(self, worker_id: int) -> Explanation:
+    def why(self, worker_id: int, *, blocks: Optional[int] = None) -> Explanation:
         """Why ``worker_id`` is (or is not) busy right now: each rank's values, the rule and threshold
-        each was held against, staleness, the outage policy in force, bookings in flight.
+        each was held against, staleness, the outage policy in force, bookings in flight, card
+        admission (which field differs from the incumbent's), a 529 hold.
 
-        ``str()`` of the result reads as a few lines of text.  Takes the lock; any thread.
+        ``blocks`` (default: the picker's, 1) is the request size: a rank the rule calls free but
+        whose bookings leave no room for it is marked not ``pickable``.  ``str()`` of the result
+        reads as a few lines of text.  Takes the lock; any thread.
+        """
+        self._check_fork()
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int):
+            raise TypeError(f"worker_id must be an int, got {worker_id!r}")
+        if worker_id < 0:
+            worker_id += 1 << 64
+        size = self._picker.default_blocks if blocks is None else check_blocks(blocks)
+        in_flight = self._picker.in_flight(worker_id)
+        with self._lock:
+            return self._state.explain(worker_id, self._clock(), self._picker.booked, in_flight, size)
+
+    def overloaded(self, worker_id: int) -> None:
+        """The frontend answered 529 (overloaded) for a request on ``worker_id``.
+
+        The worker is busy (``is_busy``, ``busy_workers()``, callbacks; never
+        picked) until its next load report or for ``overload_hold`` seconds,
+        whichever is first — what the frontend itself remembers of a refusal.
+        ``Reservation.overloaded()`` calls this after releasing; call it
+        directly when you book elsewhere (``select()``).  Any thread; takes
+        the lock briefly; a no-op with ``overload_hold=0``, in static mode or
+        once stopped.
         """
         self._check_fork()
         if worker_id < 0:
             worker_id += 1 << 64
+        self._mark_overloaded(worker_id)
+
+    def _mark_overloaded(self, worker_id: int) -> None:
+        if self._forked_from is not None or self.static or not self._started or self._stopping.is_set():
+            return
         with self._lock:
-            return self._state.explain(worker_id, self._clock(), self._picker.booked,
-                                       self._picker.in_flight(worker_id))
+            self._state.apply_overloaded(Overloaded(worker_id, self.overload_hold), self._clock())
+            self._publish_locked()
+        self._wake_reducer()
 
     def health(self) -> Health:
         """Each source's state, last event and counters, and the reducer's counters.
@@ -637,16 +678,13 @@ class WorkerMonitor(SnapshotReads):
         with self._lock if self._forked_from is None else contextlib.nullcontext():
             reducer = dict(self._state.counters)
             reducer["pending_workers"] = self._state.pending_workers
-            members = len(self._state.workers)
+            reducer["pending_ranks"] = self._state.pending_ranks
+            reducer["unadmitted_workers"] = self._state.unadmitted
+            members = len(self._state.workers) - self._state.unadmitted
         reducer["callback_errors"] = self._callback_errors
         reducer["queued_items"] = self._queue.qsize()
-        for source in self._payload_sources():
-            # Oversized payloads are dropped on the source thread, before they
-            # are queued; they still count as malformed load reports.
-            oversized = source.status.counters.get("malformed_oversized", 0)
-            if oversized:
-                reducer["malformed_load"] = reducer.get("malformed_load", 0) + oversized
-                reducer["malformed_load_oversized"] = reducer.get("malformed_load_oversized", 0) + oversized
+        # Each drop is counted once, where it happens: oversized payloads on the
+        # source thread that dropped them (health().nats/zmq counters), the rest here.
         if self._nats is not None:
             reducer["queued_messages"] = self._nats.backlog.items
             reducer["queued_bytes"] = self._nats.backlog.nbytes
@@ -771,7 +809,7 @@ class WorkerMonitor(SnapshotReads):
         return Watched(
             name="channel",
             prefix=channel_prefix(z.namespace, z.component, z.endpoint),
-            parse=lambda k, v, lease: parse_channel(k, v, lease, cfg.max_card_bytes),
+            parse=lambda k, v, lease, _created: parse_channel(k, v, lease, cfg.max_card_bytes),
             delete=lambda key: ChannelDelete(key=key),
             listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
             emit=zmq_source.channel_update,

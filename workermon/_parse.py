@@ -11,7 +11,7 @@ where an integer is required while decoding, at the lowest cost measured
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional, Tuple, Union
+from typing import Annotated, Any, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -186,23 +186,88 @@ class _RuntimeConfig(msgspec.Struct):
     max_num_batched_tokens: Optional[Count] = None
 
 
+# The card fields Dynamo's card checksum covers (frontends since 1.5 admit a
+# worker only when they equal those of its model's incumbent configuration).
+# ``runtime_config`` is not among them: capacity and ranks may differ freely.
+ADMISSION_FIELDS = (
+    "display_name", "source_path", "model_info", "tokenizer", "prompt_formatter", "chat_template_file",
+    "gen_config", "extra_files", "prompt_context", "context_length", "kv_cache_block_size", "worker_type",
+    "needs", "router_config", "aliases",
+)
+
+
 class _CardBody(msgspec.Struct):
     runtime_config: Optional[_RuntimeConfig] = None
     display_name: Optional[str] = None
     # 1.6 cards: "aggregated", "prefill", "decode"; anything else is kept as is.
     worker_type: Optional[str] = None
+    model_type: Any = None
+    model_input: Any = None
+    architectural_max_context_length: Any = None
+    # Admission fields of any JSON shape (decoded generically, compared canonically).
+    source_path: Any = None
+    model_info: Any = None
+    tokenizer: Any = None
+    prompt_formatter: Any = None
+    chat_template_file: Any = None
+    gen_config: Any = None
+    extra_files: Any = None
+    prompt_context: Any = None
+    context_length: Any = None
+    kv_cache_block_size: Any = None
+    needs: Any = None
+    router_config: Any = None
+    aliases: Any = None
 
 
-class _CardDoc(msgspec.Struct):
-    """A card at the top level (Dynamo 0.6) or wrapped in ``card_json`` (0.7+)."""
+class _CardDoc(_CardBody):
+    """A card at the top level (Dynamo 0.6) or wrapped in ``card_json`` (0.7+, which names its endpoint)."""
 
-    runtime_config: Optional[_RuntimeConfig] = None
-    display_name: Optional[str] = None
-    worker_type: Optional[str] = None
     card_json: Optional[_CardBody] = None
+    # Strings in 0.7+; older cards used other shapes under these names (then the key decides).
+    namespace: Any = None
+    component: Any = None
+    endpoint: Any = None
 
 
 _json_card = msgspec.json.Decoder(_CardDoc)
+_json_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def _by_checksum(value: Any) -> Any:
+    """A card value with every file artifact reduced to its checksum (its path may differ per host)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("checksum"), str):
+            return {"checksum": value["checksum"]}
+        return {k: _by_checksum(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_by_checksum(v) for v in value]
+    return value
+
+
+def _admission(body: _CardBody) -> Tuple[Tuple[str, str], ...]:
+    fields = []
+    for name in ADMISSION_FIELDS:
+        value = getattr(body, name)
+        if name == "context_length" and not value:
+            value = body.architectural_max_context_length  # the effective context length
+        value = _by_checksum(value)
+        if name == "extra_files" and isinstance(value, list):
+            value = sorted(value, key=lambda v: _json_canonical.encode(v))
+        fields.append((name, _json_canonical.encode(value).decode()))
+    return tuple(fields)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else _json_canonical.encode(value).decode()
+
+
+def _endpoint_of(key: str, doc: _CardDoc) -> Tuple[str, str, str]:
+    """(namespace, component, endpoint): the card's own, else its key ``v1/mdc/{ns}/{component}/{endpoint}/{id}``."""
+    parts = key.split("/")
+    from_key = parts[2:5] if len(parts) == 6 and parts[0] == "v1" else ["", "", ""]
+    own = [v if isinstance(v, str) and v else None for v in (doc.namespace, doc.component, doc.endpoint)]
+    return (own[0] or from_key[0], own[1] or from_key[1], own[2] or from_key[2])
 
 
 def worker_id_from_key(key: str, lease: int) -> int:
@@ -227,6 +292,7 @@ def parse_card(
     value: bytes,
     lease: int,
     max_bytes: int = DEFAULT_MAX_CARD_BYTES,
+    create_revision: int = 0,
 ) -> CardPut:
     """Parse one etcd key/value/lease into a :class:`CardPut`.
 
@@ -248,27 +314,31 @@ def parse_card(
         raise Malformed("bad_field", str(exc)) from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise Malformed("bad_encoding", str(exc)) from None
-    body: Union[_CardDoc, _CardBody] = doc.card_json if doc.card_json is not None else doc
+    body: _CardBody = doc.card_json if doc.card_json is not None else doc
     rc = body.runtime_config
     name, kind = body.display_name, body.worker_type
     if name is not None and len(name) > 1024:
         name = name[:1024]
     if kind is not None and len(kind) > 64:
         raise Malformed("bad_field", "worker_type is longer than 64 characters")
-    if rc is None:
-        return CardPut(key=key, worker_id=worker_id, card=Card(display_name=name, worker_type=kind))
-    return CardPut(
-        key=key,
-        worker_id=worker_id,
-        card=Card(
+    try:
+        config = _admission(body)
+        worker_set = (name or "", *_endpoint_of(key, doc), _text(body.model_type), _text(body.model_input), kind or "")
+    except (msgspec.EncodeError, RecursionError, TypeError) as exc:
+        raise Malformed("bad_field", f"card fields: {exc}") from None
+    card = Card(display_name=name, worker_type=kind, worker_set=worker_set, config=config)
+    if rc is not None:
+        card = Card(
             total_kv_blocks=rc.total_kv_blocks,
             data_parallel_size=rc.data_parallel_size if rc.data_parallel_size is not None else 1,
             data_parallel_start_rank=rc.data_parallel_start_rank or 0,
             max_num_batched_tokens=rc.max_num_batched_tokens,
             display_name=name,
             worker_type=kind,
-        ),
-    )
+            worker_set=worker_set,
+            config=config,
+        )
+    return CardPut(key=key, worker_id=worker_id, card=card, create_revision=create_revision)
 
 
 # --- event channels (Dynamo 1.6, etcd) ------------------------------------------

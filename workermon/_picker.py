@@ -18,12 +18,13 @@ never both take the last free capacity of a worker and reads such as
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
-from collections import deque
-from typing import Any, Callable, Collection, Deque, Dict, List, Literal, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Callable, Collection, Dict, List, Literal, Optional, Tuple
 
-from ._reduce import Counters, FleetState
+from ._reduce import Counters, FleetState, rank_verdict
 
 __all__ = ["Picker", "Reservation", "STRATEGIES", "Strategy"]
 
@@ -34,34 +35,40 @@ _SAMPLES = 8  # random draws before a random strategy falls back to a scan
 
 
 class _Booking:
-    __slots__ = ("wid", "rank", "blocks", "seq", "deadline", "live")
+    __slots__ = ("wid", "rank", "blocks", "seq", "deadline", "live", "token")
 
-    def __init__(self, wid: int, rank: int, blocks: int, seq: int, deadline: float) -> None:
+    def __init__(self, wid: int, rank: int, blocks: int, seq: int, deadline: float, token: int) -> None:
         self.wid = wid
         self.rank = rank
         self.blocks = blocks
         self.seq = seq
         self.deadline = deadline
         self.live = True
+        self.token = token
 
 
 class Reservation:
     """One request booked on a worker (and data-parallel rank) by :meth:`WorkerMonitor.reserve`.
 
     ``release()`` is idempotent and thread-safe; as a context manager the
-    reservation is released on exit, exception included.
+    reservation is released on exit, exception included.  When the worker
+    answers the request with 529 (overloaded), call :meth:`overloaded`
+    instead: it releases, and the worker counts as busy until its next load
+    report or for ``overload_hold`` seconds, as the frontend itself does.
     """
 
-    __slots__ = ("worker_id", "dp_rank", "blocks", "_reason", "_release", "_booking")
+    __slots__ = ("worker_id", "dp_rank", "blocks", "_reason", "_release", "_booking", "_overloaded")
 
     def __init__(self, worker_id: int, dp_rank: int, reason: Callable[[], str], blocks: int,
-                 release: Callable[[_Booking], None], booking: _Booking) -> None:
+                 release: Callable[[Any], None], booking: Any,
+                 overloaded: Optional[Callable[[int], None]] = None) -> None:
         self.worker_id = worker_id
         self.dp_rank = dp_rank
         self.blocks = blocks
         self._reason = reason
         self._release = release
         self._booking = booking
+        self._overloaded = overloaded
 
     @property
     def reason(self) -> str:
@@ -74,6 +81,18 @@ class Reservation:
 
     def release(self) -> None:
         self._release(self._booking)
+
+    def overloaded(self) -> None:
+        """The worker answered 529 for this request: release it and hold the worker busy.
+
+        The worker is then busy (``is_busy``, ``busy_workers()``, callbacks;
+        never picked) until its next load report arrives or ``overload_hold``
+        seconds pass, whichever is first: the frontend's own memory of a
+        refusal.  Idempotent for the release; thread-safe; any thread.
+        """
+        self._release(self._booking)
+        if self._overloaded is not None:
+            self._overloaded(self.worker_id)
 
     def __enter__(self) -> "Reservation":
         return self
@@ -101,6 +120,7 @@ class Picker:
         strategy: str = "p2c",
         reservation_ttl: float = 300.0,
         default_blocks: int = 1,
+        overloaded: Optional[Callable[[int], None]] = None,
     ) -> None:
         check_strategy(strategy)
         if not isinstance(reservation_ttl, (int, float)) or isinstance(reservation_ttl, bool) or not (
@@ -112,12 +132,16 @@ class Picker:
         self._clock = clock
         self.strategy = strategy
         self.reservation_ttl = float(reservation_ttl)
-        self.default_blocks = _check_blocks(default_blocks)
+        self.default_blocks = check_blocks(default_blocks)
         self._lock = threading.Lock()
         # (worker, rank) -> [report seq the blocks were booked against, blocks]
         self._credit: Dict[Tuple[int, int], List[int]] = {}
         self._inflight: Dict[int, int] = {}
-        self._bookings: Deque[_Booking] = deque()  # creation order = deadline order
+        # Live bookings by token, in creation order = deadline order: a
+        # release takes its booking out at once, so the dict holds live ones only.
+        self._bookings: "OrderedDict[int, _Booking]" = OrderedDict()
+        self._tokens = itertools.count(1)
+        self._overloaded = overloaded
         self._rr = 0
         self._rng = random.Random()
         self.counters = Counters()
@@ -125,6 +149,8 @@ class Picker:
     # --- reading ----------------------------------------------------------------
 
     def in_flight(self, wid: int) -> int:
+        """Live bookings on ``wid`` (expired ones are dropped first)."""
+        self.expire()
         return self._inflight.get(wid, 0)
 
     def booked(self, wid: int, rank: int) -> int:
@@ -136,8 +162,9 @@ class Picker:
         return acc[1] if acc is not None and acc[0] == seq else 0
 
     def totals(self) -> Tuple[int, int]:
-        """(bookings in flight, blocks they still add to predictions)."""
+        """(bookings in flight, blocks they still add to predictions); expired ones are dropped first."""
         with self._lock:
+            self._expire(self._clock())
             return sum(self._inflight.values()), sum(self.booked(w, r) for w, r in self._credit)
 
     # --- choosing ---------------------------------------------------------------
@@ -157,7 +184,7 @@ class Picker:
         ``reason`` is a callable that formats the sentence (only when asked).
         """
         strategy = self.strategy if strategy is None else check_strategy(strategy)
-        blocks = self.default_blocks if blocks is None else _check_blocks(blocks)
+        blocks = self.default_blocks if blocks is None else check_blocks(blocks)
         free = self._free()
         impl = _STRATEGY_IMPL[strategy]
         assess_one = self._assess
@@ -172,7 +199,7 @@ class Picker:
         with self._lock:
             now = self._clock()
             bookings = self._bookings
-            if bookings and (bookings[0].deadline <= now or not bookings[0].live):
+            if bookings and next(iter(bookings.values())).deadline <= now:
                 self._expire(now)
             chosen = impl(self, free, assess)
             if chosen is None:
@@ -191,15 +218,23 @@ class Picker:
                 acc = self._credit[(wid, rank)] = [seq, 0]
             acc[1] += blocks
             self._inflight[wid] = self._inflight.get(wid, 0) + 1
-            booking = _Booking(wid, rank, blocks, seq, now + self.reservation_ttl)
-            self._bookings.append(booking)
+            booking = _Booking(wid, rank, blocks, seq, now + self.reservation_ttl, next(self._tokens))
+            self._bookings[booking.token] = booking
             self.counters.inc("reserved")
-            return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking)
+            return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
+                                                  self._overloaded)
 
     def _assess(self, wid: int, blocks: int, model: Optional[str], worker_type: Optional[str]) -> Optional[_Assessment]:
-        """Whether ``wid`` can take ``blocks`` more, on which rank, at what predicted utilisation."""
-        w = self._state.workers.get(wid)
-        if w is None:
+        """Whether ``wid`` can take ``blocks`` more, on which rank, at what predicted utilisation.
+
+        A rank qualifies only when the busy rule calls it free right now (the
+        same verdict, thresholds and hysteresis memory as the busy set) and,
+        with a known capacity, its reported load plus its bookings plus this
+        request stays within ``busy_threshold × total``.
+        """
+        state = self._state
+        w = state.workers.get(wid)
+        if w is None or not w.admitted or w.hold_until is not None:
             return None
         card = w.card
         if model is not None and card.display_name != model:
@@ -208,44 +243,43 @@ class Picker:
             return None
         inflight = self._inflight.get(wid, 0)
         total = card.total_kv_blocks
-        threshold = self._state.thresholds.busy_threshold
+        th = state.thresholds
+        threshold = th.busy_threshold
+        by_load = bool(total) and threshold is not None
+        limit = threshold * total if by_load else 0.0  # type: ignore[operator]
         start = card.data_parallel_start_rank
         end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
         credit = self._credit
         ranks = w.ranks
-        if not total or threshold is None:
-            # No capacity to predict against: compare by bookings in flight;
-            # within the worker, the rank with the fewest blocks booked.
-            best_rank, best_booked = start, None
-            for rank_id in range(start, end):
-                r = ranks.get(rank_id)
-                seq = r.seq if r is not None else 0
-                acc = credit.get((wid, rank_id))
-                booked = acc[1] if acc is not None and acc[0] == seq else 0
-                if best_booked is None or booked < best_booked:
-                    best_rank, best_booked = rank_id, booked
-            return (1, float(inflight)), best_rank, None, inflight
-        limit = threshold * total
+        # Without capacity to predict against, ranks are compared by the
+        # blocks booked on them; with it, by predicted utilisation.
         best: Optional[Tuple[float, int]] = None
         for rank_id in range(start, end):
             r = ranks.get(rank_id)
             load, seq = 0, 0
             if r is not None:
-                if r.stale:
-                    continue  # stale under stale_policy="busy": fails closed
+                if rank_verdict(r, card, th)[0] is True:
+                    continue  # the busy rule calls this rank busy (KV, prefill, hysteresis, stale)
                 seq = r.seq
-                kv, decode = r.kv, r.decode
-                load = max(kv if kv is not None else 0, decode if decode is not None else 0)
+                if not r.stale:
+                    kv, decode = r.kv, r.decode
+                    load = max(kv if kv is not None else 0, decode if decode is not None else 0)
             acc = credit.get((wid, rank_id))
-            predicted = load + (acc[1] if acc is not None and acc[0] == seq else 0)
-            if predicted + blocks > limit:
-                continue  # this request would take the rank over the busy rule
-            util = predicted / total
-            if best is None or util < best[0]:
-                best = (util, rank_id)
+            booked = acc[1] if acc is not None and acc[0] == seq else 0
+            if by_load:
+                predicted = load + booked
+                if predicted + blocks > limit:
+                    continue  # this request would take the rank over the busy rule
+                score = predicted / total  # type: ignore[operator]
+            else:
+                score = float(booked)
+            if best is None or score < best[0]:
+                best = (score, rank_id)
         if best is None:
-            return None  # predicted busy
-        return (0, best[0]), best[1], best[0], inflight
+            return None  # every rank busy or predicted busy
+        if by_load:
+            return (0, best[0]), best[1], best[0], inflight
+        return (1, float(inflight)), best[1], None, inflight
 
     # --- releasing and expiry ---------------------------------------------------
 
@@ -257,6 +291,7 @@ class Picker:
 
     def _drop(self, b: _Booking) -> None:
         b.live = False
+        self._bookings.pop(b.token, None)
         key = (b.wid, b.rank)
         acc = self._credit.get(key)
         if acc is not None and acc[0] == b.seq:
@@ -271,11 +306,12 @@ class Picker:
 
     def _expire(self, now: float) -> None:
         bookings = self._bookings
-        while bookings and (not bookings[0].live or bookings[0].deadline <= now):
-            b = bookings.popleft()
-            if b.live:
-                self._drop(b)
-                self.counters.inc("expired")
+        while bookings:
+            b = next(iter(bookings.values()))
+            if b.deadline > now:
+                break
+            self._drop(b)
+            self.counters.inc("expired")
         # Credit booked against an older report no longer counts: forget it.
         if len(self._credit) > 4 * len(self._inflight) + 64:
             for key in [k for k, acc in self._credit.items() if acc[0] != self._seq_of(*k)]:
@@ -297,7 +333,7 @@ def check_strategy(strategy: Any) -> str:
     return str(strategy)
 
 
-def _check_blocks(blocks: Any) -> int:
+def check_blocks(blocks: Any) -> int:
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
         raise ValueError(f"blocks must be an integer >= 0, got {blocks!r}")
     return blocks

@@ -26,6 +26,7 @@ from ._model import (
     Explanation,
     FeedStatus,
     LoadReport,
+    Overloaded,
     RankExplanation,
     Thresholds,
     WorkerLoadState,
@@ -37,19 +38,23 @@ __all__ = ["Counters", "FleetState", "Limits"]
 class Limits:
     """Caps on every structure that grows with input (all configurable)."""
 
-    __slots__ = ("pending_max_workers", "pending_max_age", "max_ranks_per_worker")
+    __slots__ = ("pending_max_workers", "pending_max_age", "max_ranks_per_worker", "pending_max_ranks")
 
     def __init__(
         self,
         pending_max_workers: int = 10_000,
         pending_max_age: float = 30.0,
         max_ranks_per_worker: int = 1024,
+        pending_max_ranks: int = 20_000,
     ) -> None:
-        if pending_max_workers < 0 or pending_max_age < 0 or max_ranks_per_worker < 1:
+        if pending_max_workers < 0 or pending_max_age < 0 or max_ranks_per_worker < 1 or pending_max_ranks < 0:
             raise ValueError("limits must be non-negative (max_ranks_per_worker >= 1)")
         self.pending_max_workers = pending_max_workers
         self.pending_max_age = pending_max_age
         self.max_ranks_per_worker = max_ranks_per_worker
+        # Held reports (workers without a card yet) in ranks, over all held
+        # workers: what bounds their memory (~170 bytes a rank).
+        self.pending_max_ranks = pending_max_ranks
 
 
 class Counters(Dict[str, int]):
@@ -83,8 +88,51 @@ class _Rank:
         self.queued = False
 
 
+def rank_verdict(r: _Rank, card: Card, th: Thresholds) -> Tuple[Optional[bool], bool, bool]:
+    """The busy rule for one rank, without changing it: ``(verdict, kv_over, decode_over)``.
+
+    ``verdict`` is True/False when some configured rule has data for the
+    rank, else None (counts as free); the two flags are the hysteresis memory
+    the rule would keep for each KV signal.  Pure: the reducer stores the
+    flags, the picker (on other threads) only reads the verdict.
+    """
+    kv_over, decode_over = r.kv_over, r.decode_over
+    if r.stale:
+        # stale_policy="busy" fails closed; "ignore" drops the stale data
+        # (kept, so that turning metrics_ttl off brings the last report back).
+        return (True if th.stale_policy == "busy" else None), kv_over, decode_over
+    has_data = False
+    over = False
+    busy_threshold = th.busy_threshold
+    if busy_threshold is not None and (r.kv is not None or r.decode is not None):
+        # Each signal is held against the threshold on its own, with its own
+        # hysteresis memory; the rank is over when either is.
+        has_data = True
+        total = card.total_kv_blocks
+        recover = th.recover_threshold
+        if total:
+            if r.kv is not None:
+                limit = recover if kv_over and recover is not None else busy_threshold
+                kv_over = r.kv > limit * total
+            if r.decode is not None:
+                limit = recover if decode_over and recover is not None else busy_threshold
+                decode_over = r.decode > limit * total
+            over = kv_over or decode_over
+        else:
+            kv_over = decode_over = False
+    if r.prefill is not None:
+        if th.prefill_tokens_threshold is not None:
+            has_data = True
+            over = over or r.prefill > th.prefill_tokens_threshold
+        if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
+            has_data = True
+            over = over or r.prefill > th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
+    return (over if has_data else None), kv_over, decode_over
+
+
 class _Worker:
-    __slots__ = ("cards", "card", "ranks", "busy", "last_time")
+    __slots__ = ("cards", "card", "ranks", "busy", "last_time", "created", "admitted", "group", "config",
+                 "hold_until")
 
     def __init__(self) -> None:
         self.cards: Dict[str, Card] = {}
@@ -92,6 +140,15 @@ class _Worker:
         self.ranks: Dict[int, _Rank] = {}
         self.busy = False
         self.last_time: Optional[float] = None
+        # Card admission: the create revision of its card (registration
+        # order), whether its model's frontend would serve it, and the
+        # worker set and configuration it is counted under.
+        self.created = 0
+        self.admitted = True
+        self.group: Optional[Tuple[str, ...]] = None
+        self.config: Tuple[Tuple[str, str], ...] = ()
+        # Reservation.overloaded(): busy until its next report or this time.
+        self.hold_until: Optional[float] = None
 
     def choose_card(self) -> None:
         # Capacity comes from the lexicographically smallest key that carries
@@ -116,6 +173,22 @@ class _Worker:
         return len(gone)
 
 
+class _Group:
+    """The workers of one model's worker set, for card admission.
+
+    ``incumbent`` is the configuration the frontend admits: the first one
+    registered, kept while any worker of it remains (as the frontend keeps
+    its WorkerSet); ``counts`` is the number of workers per configuration.
+    """
+
+    __slots__ = ("incumbent", "counts", "members")
+
+    def __init__(self) -> None:
+        self.incumbent: Optional[Tuple[Tuple[str, str], ...]] = None
+        self.counts: Dict[Tuple[Tuple[str, str], ...], int] = {}
+        self.members: Set[int] = set()
+
+
 class _Pending:
     """Load data held for a worker whose card has not arrived yet."""
 
@@ -133,9 +206,17 @@ class FleetState:
     returns the :class:`BusyChange` since the previous commit (or None).
     """
 
-    def __init__(self, thresholds: Optional[Thresholds] = None, limits: Optional[Limits] = None) -> None:
+    def __init__(self, thresholds: Optional[Thresholds] = None, limits: Optional[Limits] = None,
+                 admission: bool = True) -> None:
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         self.limits = limits if limits is not None else Limits()
+        # Card admission as Dynamo 1.5+ frontends do it (off: every worker is served).
+        self.admission = admission
+        self._groups: Dict[Tuple[str, ...], _Group] = {}
+        self._unadmitted = 0
+        # Workers held busy by Reservation.overloaded(): worker -> until.
+        self._holds: Dict[int, float] = {}
+        self._pending_ranks = 0
         self.counters = Counters()
         self.version = 0
         self.workers: Dict[int, _Worker] = {}
@@ -166,7 +247,18 @@ class FleetState:
 
     @property
     def members(self) -> frozenset[int]:
-        return frozenset(self.workers)
+        """Workers with a card that the frontend admits (all of them with admission off)."""
+        if not self._unadmitted:
+            return frozenset(self.workers)
+        return frozenset(wid for wid, w in self.workers.items() if w.admitted)
+
+    @property
+    def unadmitted(self) -> int:
+        return self._unadmitted
+
+    def is_member(self, worker_id: int) -> bool:
+        w = self.workers.get(worker_id)
+        return w is not None and w.admitted
 
     def is_busy(self, worker_id: int) -> bool:
         return worker_id in self._busy
@@ -179,7 +271,12 @@ class FleetState:
         prefill: Dict[int, int] = {}
         busy_ranks = set()
         stale_ranks = set()
+        ignore_stale = self.thresholds.stale_policy == "ignore"
         for rank_id, r in w.ranks.items():
+            if r.stale and ignore_stale:
+                # Kept (turning metrics_ttl off brings it back) but not used: not shown.
+                stale_ranks.add(rank_id)
+                continue
             if r.kv is not None:
                 used[rank_id] = kv[rank_id] = r.kv
             if r.decode is not None:
@@ -190,7 +287,7 @@ class FleetState:
                 prefill[rank_id] = r.prefill
             if r.stale:
                 stale_ranks.add(rank_id)
-            if self._rank_busy(r, w.card) is True:
+            if rank_verdict(r, w.card, self.thresholds)[0] is True:
                 busy_ranks.add(rank_id)
         return WorkerLoadState(
             worker_id=worker_id,
@@ -209,10 +306,17 @@ class FleetState:
             active_decode_blocks=types.MappingProxyType(decode),
             display_name=w.card.display_name,
             worker_type=w.card.worker_type,
+            admitted=w.admitted,
+            overload_hold_left=None if w.hold_until is None else max(0.0, w.hold_until - now),
         )
 
-    def explain(self, worker_id: int, now: float, booked: Callable[[int, int], int], in_flight: int) -> Explanation:
-        """Why ``worker_id`` is (or is not) busy: each declared rank against the rule (no state changes)."""
+    def explain(self, worker_id: int, now: float, booked: Callable[[int, int], int], in_flight: int,
+                blocks: int = 1) -> Explanation:
+        """Why ``worker_id`` is (or is not) busy: each declared rank against the rule (no state changes).
+
+        ``blocks`` is the request size a ``reserve()`` would book: a rank the
+        rule calls free but whose bookings leave no room for it is said so.
+        """
         th = self.thresholds
         outage = self.outage_active and th.outage_policy != "keep"
         w = self.workers.get(worker_id)
@@ -224,9 +328,16 @@ class FleetState:
         ranks: List[RankExplanation] = []
         start = card.data_parallel_start_rank
         for rank_id in range(start, start + min(card.data_parallel_size, self.limits.max_ranks_per_worker)):
-            ranks.append(self._explain_rank(rank_id, w.ranks.get(rank_id), card, now, booked(worker_id, rank_id)))
+            ranks.append(self._explain_rank(rank_id, w.ranks.get(rank_id), card, now, booked(worker_id, rank_id),
+                                            blocks))
         declared = f"{card.data_parallel_size} declared rank(s) {start}…{start + card.data_parallel_size - 1}"
-        if outage:
+        hold_left = None if w.hold_until is None else max(0.0, w.hold_until - now)
+        if not w.admitted:
+            summary = "NOT ADMITTED (never picked, not a member): " + self._admission_text(w)
+        elif hold_left is not None:
+            summary = (f"BUSY: the frontend answered 529 for it (Reservation.overloaded()); held busy until its "
+                       f"next load report, or {hold_left:.2f} s more")
+        elif outage:
             summary = (f"{'BUSY' if w.busy else 'free'}: the metrics feed is down past outage_grace and "
                        f"outage_policy={th.outage_policy!r} overrides the rule")
         elif w.busy:
@@ -234,17 +345,46 @@ class FleetState:
         else:
             free = [r.rank for r in ranks if not r.busy]
             summary = f"free: of its {declared}, rank(s) {', '.join(map(str, free[:8]))} not busy"
+            if not any(r.pickable for r in ranks):
+                summary += (f"; but reserve(blocks={blocks}) would not choose it: no rank has room for the request "
+                            "beside its bookings")
         return Explanation(worker_id, True, w.busy, tuple(ranks), th, th.outage_policy, self.outage_active,
-                           in_flight, summary)
+                           in_flight, summary, w.admitted, hold_left)
 
-    def _explain_rank(self, rank_id: int, r: Optional[_Rank], card: Card, now: float, booked: int) -> RankExplanation:
+    def _admission_text(self, w: _Worker) -> str:
+        """Which card field differs from the incumbent configuration, and whose card that is."""
+        group = self._groups.get(w.group) if w.group is not None else None
+        incumbent = group.incumbent if group is not None else None
+        if group is None or incumbent is None:
+            return "its model has no incumbent configuration"
+        holder = min((x for x in group.members if self.workers[x].config == incumbent),
+                     key=lambda x: (self.workers[x].created, x), default=None)
+        mine = dict(w.config)
+        theirs = dict(incumbent)
+        diffs = [f"{name} {mine.get(name, 'null')[:120]} (incumbent: {theirs.get(name, 'null')[:120]})"
+                 for name in sorted(set(mine) | set(theirs)) if mine.get(name) != theirs.get(name)]
+        who = f"worker {holder:x}" if holder is not None else "an earlier worker"
+        return (f"its card differs from the incumbent configuration of model {w.card.display_name!r} "
+                f"(first registered: {who}) in " + "; ".join(diffs or ["fields it does not show"]) +
+                ": a Dynamo 1.5+ frontend refuses it (400)")
+
+    def _explain_rank(self, rank_id: int, r: Optional[_Rank], card: Card, now: float, booked: int,
+                      blocks: int) -> RankExplanation:
         th = self.thresholds
         total = card.total_kv_blocks
-        if r is None:
-            return RankExplanation(rank_id, False, None, None, None, total, None, False, False, None, booked,
-                                   "no report yet: counts as free (as Dynamo 1.6's frontend)")
-        age = max(0.0, now - r.time)
         limit: Optional[float] = None
+        if th.busy_threshold is not None and total:
+            limit = th.busy_threshold * total
+        if r is None:
+            room = limit is None or booked + blocks <= limit
+            text = "no report yet: counts as free (as Dynamo 1.6's frontend)"
+            if booked:
+                text += f"; {booked} block(s) booked"
+            if not room:
+                text += f"; full for reserve(): {booked} booked + {blocks} > {limit:g}"
+            return RankExplanation(rank_id, False, None, None, None, total, limit, False, False, None, booked,
+                                   text, room)
+        age = max(0.0, now - r.time)
         parts: List[str] = []
         if th.busy_threshold is not None and total:
             held = (r.kv_over or r.decode_over) and th.recover_threshold is not None
@@ -264,27 +404,25 @@ class FleetState:
             if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
                 lim = th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
                 parts.append(f"active_prefill_tokens {r.prefill} {'>' if r.prefill > lim else '≤'} {lim:g}")
+        verdict = rank_verdict(r, card, th)[0]
+        busy = verdict is True
         if r.stale:
-            busy = True
-            parts.insert(0, f"STALE (no report for {age:.1f} s > metrics_ttl; stale_policy='busy': fails closed)")
-        else:
-            verdict = self._rank_verdict(r, card)
-            busy = verdict is True
-            if verdict is None:
-                parts.append("no data for any configured rule: counts as free")
+            parts.insert(0, f"STALE (no report for {age:.1f} s > metrics_ttl; " + (
+                "stale_policy='busy': fails closed)" if busy else "stale_policy='ignore': its data is not used)"))
+        elif verdict is None:
+            parts.append("no data for any configured rule: counts as free")
+        room = not busy
         if booked:
             parts.append(f"{booked} block(s) booked since this report")
+        if room and th.busy_threshold is not None and total:
+            load = 0 if r.stale else max(r.kv or 0, r.decode or 0)
+            over_limit = th.busy_threshold * total
+            if load + booked + blocks > over_limit:
+                room = False
+                parts.append(f"full for reserve(): {load} + {booked} booked + {blocks} > {over_limit:g}")
         text = ("BUSY: " if busy else "free: ") + "; ".join(parts) + f" (reported {age:.1f} s ago)"
         return RankExplanation(rank_id, True, r.kv, r.decode, r.prefill, total, limit, busy, r.stale, age, booked,
-                               text)
-
-    def _rank_verdict(self, r: _Rank, card: Card) -> Optional[bool]:
-        """:meth:`_rank_busy` without touching the hysteresis memory."""
-        saved = (r.kv_over, r.decode_over)
-        try:
-            return self._rank_busy(r, card)
-        finally:
-            r.kv_over, r.decode_over = saved
+                               text, room)
 
     def load_states(self, now: float) -> Dict[int, WorkerLoadState]:
         return {wid: self.load_state(wid, now) for wid in self.workers}
@@ -292,6 +430,10 @@ class FleetState:
     @property
     def pending_workers(self) -> int:
         return len(self._pending)
+
+    @property
+    def pending_ranks(self) -> int:
+        return self._pending_ranks
 
     # --- updates ------------------------------------------------------------
 
@@ -307,6 +449,8 @@ class FleetState:
             self.apply_listing(update, now)
         elif isinstance(update, FeedStatus):
             self.apply_feed_status(update, now)
+        elif isinstance(update, Overloaded):
+            self.apply_overloaded(update, now)
         else:
             raise TypeError(f"unknown update {type(update).__name__}")
 
@@ -323,6 +467,7 @@ class FleetState:
             self._membership_changed = True
             held = self._pending.pop(put.worker_id, None)
             if held is not None:
+                self._pending_ranks -= len(held.ranks)
                 w.ranks = held.ranks
                 w.last_time = max((r.time for r in held.ranks.values()), default=None)
                 self.counters.inc("pending_applied")
@@ -331,6 +476,8 @@ class FleetState:
         card = self._card_pool.setdefault(put.card, put.card)
         w.cards[put.key] = card
         self._key_owner[put.key] = put.worker_id
+        if not w.created or (put.create_revision and put.create_revision < w.created):
+            w.created = put.create_revision
         self._card_changed(put.worker_id, w)
         if held is not None:
             for rank_id, r in w.ranks.items():
@@ -343,6 +490,61 @@ class FleetState:
         dropped = w.prune_ranks()
         if dropped:
             self.counters.inc("dropped_rank_out_of_range", dropped)
+        if self.admission and (w.group != w.card.worker_set or w.config != w.card.config):
+            self._leave_group(wid, w)
+            self._join_group(wid, w)
+
+    # --- card admission (Dynamo 1.5+ frontends: "first wins" per worker set) ---
+
+    def _join_group(self, wid: int, w: _Worker) -> None:
+        key, config = w.card.worker_set, w.card.config
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+        w.group, w.config = key, config
+        group.members.add(wid)
+        group.counts[config] = group.counts.get(config, 0) + 1
+        if group.incumbent is None:
+            group.incumbent = config
+        self._set_admitted(wid, w, config == group.incumbent)
+
+    def _leave_group(self, wid: int, w: _Worker) -> None:
+        key = w.group
+        if key is None:
+            return
+        w.group = None
+        group = self._groups[key]
+        group.members.discard(wid)
+        n = group.counts[w.config] - 1
+        if n:
+            group.counts[w.config] = n
+            return
+        del group.counts[w.config]
+        if not group.members:
+            del self._groups[key]
+        elif w.config == group.incumbent:
+            # The incumbent configuration's last worker left: the frontend
+            # starts a new incumbent with the next registration, i.e. the
+            # earliest registered of those that remain.
+            first = min(group.members, key=lambda x: (self.workers[x].created, x))
+            group.incumbent = self.workers[first].config
+            self.counters.inc("admission_incumbent_changes")
+            for x in group.members:
+                other = self.workers[x]
+                self._set_admitted(x, other, other.config == group.incumbent)
+                self._evaluate(x, other)
+
+    def _set_admitted(self, wid: int, w: _Worker, admitted: bool) -> None:
+        if w.admitted == admitted:
+            return
+        w.admitted = admitted
+        self._membership_changed = True
+        if admitted:
+            self._unadmitted -= 1
+            self.counters.inc("admission_admitted")
+        else:
+            self._unadmitted += 1
+            self.counters.inc("admission_refused")
 
     def apply_card_delete(self, delete: CardDelete) -> None:
         self.counters.inc("card_deletes")
@@ -360,7 +562,9 @@ class FleetState:
             self.counters.inc("listing_kept_malformed", kept)
         for key in [k for k in self._key_owner if k not in listed]:
             self._remove_card(key)
-        for put in listing.cards:
+        # In registration order, so that the first card of a model found in a
+        # listing becomes its incumbent, as on a frontend that saw them come.
+        for put in sorted(listing.cards, key=lambda p: p.create_revision):
             owner = self._key_owner.get(put.key)
             if owner == put.worker_id and self.workers[owner].cards.get(put.key) == put.card:
                 continue
@@ -396,6 +600,10 @@ class FleetState:
         if rank is None:
             return False
         w.last_time = now
+        if w.hold_until is not None:
+            # A fresh report ends the frontend's memory of a 529 (as Dynamo's).
+            w.hold_until = None
+            del self._holds[wid]
         if not rank.queued and self.thresholds.metrics_ttl is not None:
             self._schedule_ttl(wid, rank_id, rank)
         self._evaluate(wid, w)
@@ -412,6 +620,15 @@ class FleetState:
         elif self.feed_down_since is None:
             self.feed_down_since = status.at
             self.expire(now)
+
+    def apply_overloaded(self, update: Overloaded, now: float) -> None:
+        """The frontend refused a request on the worker as overloaded: busy until its next report or ``hold`` s."""
+        w = self.workers.get(update.worker_id)
+        self.counters.inc("overloaded")
+        if w is None or update.hold <= 0:
+            return
+        w.hold_until = self._holds[update.worker_id] = now + update.hold
+        self._evaluate(update.worker_id, w)
 
     def set_thresholds(self, thresholds: Thresholds, now: float) -> None:
         """Change the rule and re-evaluate every worker at once.
@@ -468,7 +685,15 @@ class FleetState:
             if now - held.first < limits.pending_max_age:
                 break
             del self._pending[wid]
+            self._pending_ranks -= len(held.ranks)
             self.counters.inc("pending_expired")
+        if self._holds:
+            for wid in [x for x, until in self._holds.items() if until <= now]:
+                del self._holds[wid]
+                w = self.workers.get(wid)
+                if w is not None:
+                    w.hold_until = None
+                    self._evaluate(wid, w)
         ttl = self.thresholds.metrics_ttl
         heap = self._ttl_heap
         if ttl is None:
@@ -486,10 +711,10 @@ class FleetState:
                 self._schedule_ttl(wid, rank_id, r)  # refreshed meanwhile: due later
                 continue
             self.counters.inc("stale_expired")
-            if self.thresholds.stale_policy == "ignore":
-                del w.ranks[rank_id]
-            else:
-                r.stale = True
+            # Kept under either policy: the rule reads a stale rank as busy
+            # ("busy") or as no data ("ignore"); a newer report, or turning
+            # metrics_ttl off, makes it count again.
+            r.stale = True
             self._evaluate(wid, w)
 
     def next_deadline(self) -> Optional[float]:
@@ -503,6 +728,9 @@ class FleetState:
         if self.feed_down_since is not None and not self.outage_active:
             outage_deadline = self.feed_down_since + self.thresholds.outage_grace
             deadline = outage_deadline if deadline is None else min(deadline, outage_deadline)
+        if self._holds:
+            hold_deadline = min(self._holds.values())
+            deadline = hold_deadline if deadline is None else min(deadline, hold_deadline)
         return deadline
 
     def commit(self) -> Optional[BusyChange]:
@@ -516,7 +744,8 @@ class FleetState:
         left = {w for w, was in touched.items() if was and w not in busy_now}
         if not became_busy and not left:
             return None
-        removed = frozenset(w for w in left if w not in self.workers)
+        # Removed: left the member set (no card any more, or no longer admitted).
+        removed = frozenset(w for w in left if not self.is_member(w))
         self.version += 1
         return BusyChange(
             busy=frozenset(self._busy),
@@ -537,16 +766,34 @@ class FleetState:
     def _hold(self, wid: int, rank_id: int, kv: Optional[int], decode: Optional[int], prefill: Optional[int],
               revision: Optional[int], now: float) -> None:
         self.counters.inc("unknown_worker")
+        limits = self.limits
         held = self._pending.get(wid)
         if held is None:
-            if self.limits.pending_max_workers == 0:
+            if limits.pending_max_workers == 0 or limits.pending_max_ranks == 0:
                 self.counters.inc("pending_dropped")
                 return
-            while len(self._pending) >= self.limits.pending_max_workers:
-                self._pending.popitem(last=False)  # oldest first
-                self.counters.inc("pending_dropped")
+            while len(self._pending) >= limits.pending_max_workers:
+                self._drop_oldest_pending()
             held = self._pending[wid] = _Pending(now)
+        elif rank_id not in held.ranks and self._pending_ranks >= limits.pending_max_ranks:
+            # The held ranks are full: the oldest held workers make room (never this one).
+            self._pending.move_to_end(wid)
+            while self._pending_ranks >= limits.pending_max_ranks and next(iter(self._pending)) != wid:
+                self._drop_oldest_pending()
+            if self._pending_ranks >= limits.pending_max_ranks:
+                self.counters.inc("pending_dropped_ranks")
+                return
+        before = len(held.ranks)
         self._merge_into(held.ranks, rank_id, kv, decode, prefill, revision, now)
+        self._pending_ranks += len(held.ranks) - before
+        while self._pending_ranks > limits.pending_max_ranks and len(self._pending) > 1:
+            self._pending.move_to_end(wid)
+            self._drop_oldest_pending()
+
+    def _drop_oldest_pending(self) -> None:
+        _, dropped = self._pending.popitem(last=False)  # oldest first
+        self._pending_ranks -= len(dropped.ranks)
+        self.counters.inc("pending_dropped")
 
     def _merge_into(self, ranks: Dict[int, _Rank], rank_id: int, kv: Optional[int], decode: Optional[int],
                     prefill: Optional[int], revision: Optional[int], now: float) -> Optional[_Rank]:
@@ -589,6 +836,11 @@ class FleetState:
             self._evaluate(wid, w)
             return
         # The last card went: the worker leaves with all its load data.
+        self._leave_group(wid, w)
+        if not w.admitted:
+            self._unadmitted -= 1
+        if w.hold_until is not None:
+            del self._holds[wid]
         del self.workers[wid]
         self._membership_changed = True
         self.counters.inc("workers_removed")
@@ -604,40 +856,18 @@ class FleetState:
             r.queued = True
 
     def _rank_busy(self, r: _Rank, card: Card) -> Optional[bool]:
-        """True/False when some configured rule has data for the rank, else None."""
-        if r.stale:
-            return True  # only "busy" policy keeps stale ranks: fail closed
-        th = self.thresholds
-        has_data = False
-        over = False
-        busy_threshold = th.busy_threshold
-        if busy_threshold is not None and (r.kv is not None or r.decode is not None):
-            # Each signal is held against the threshold on its own, with its
-            # own hysteresis memory; the rank is over when either is.
-            has_data = True
-            total = card.total_kv_blocks
-            recover = th.recover_threshold
-            if total:
-                if r.kv is not None:
-                    limit = recover if r.kv_over and recover is not None else busy_threshold
-                    r.kv_over = r.kv > limit * total
-                if r.decode is not None:
-                    limit = recover if r.decode_over and recover is not None else busy_threshold
-                    r.decode_over = r.decode > limit * total
-                over = r.kv_over or r.decode_over
-            else:
-                r.kv_over = r.decode_over = False
-        if r.prefill is not None:
-            if th.prefill_tokens_threshold is not None:
-                has_data = True
-                over = over or r.prefill > th.prefill_tokens_threshold
-            if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
-                has_data = True
-                over = over or r.prefill > th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
-        return over if has_data else None
+        """The rule's verdict for a rank, keeping its hysteresis memory (reducer thread only)."""
+        verdict, r.kv_over, r.decode_over = rank_verdict(r, card, self.thresholds)
+        return verdict
 
     def _evaluate(self, wid: int, w: _Worker) -> None:
-        if self.outage_active and self.thresholds.outage_policy != "keep":
+        if not w.admitted:
+            # Not a member while the frontend would refuse it: never busy
+            # (the busy set holds members only).  Its rank memory waits.
+            busy = False
+        elif w.hold_until is not None:
+            busy = True  # the frontend answered 529 for it: busy until its next report
+        elif self.outage_active and self.thresholds.outage_policy != "keep":
             # The feed is down past its grace: fail closed ("busy") or open ("ignore").
             busy = self.thresholds.outage_policy == "busy"
         else:

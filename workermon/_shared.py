@@ -86,6 +86,9 @@ class SharedMonitor(SnapshotReads):
         self._callbacks: Tuple[CallbackHandle, ...] = ()
         self._pending_initial: List[CallbackHandle] = []
         self._local_inflight: Dict[int, int] = {}
+        # Workers this process saw answer 529, for its fallback picks: worker -> until.
+        self._local_holds: Dict[int, float] = {}
+        self.overload_hold = 1.0
         self._rng = random.Random()
         self.counters: Dict[str, int] = {}
         self.last_error: Optional[str] = None
@@ -171,7 +174,7 @@ class SharedMonitor(SnapshotReads):
         booking = _RemoteBooking(reply["token"], reply["worker_id"])
         reason = str(reply.get("reason", ""))
         return Reservation(reply["worker_id"], reply.get("dp_rank", 0), lambda: reason, blocks or 1,
-                           self._release, booking)  # type: ignore[arg-type]
+                           self._release, booking, self.overloaded)
 
     def select(self, *, strategy: Optional[str] = None, exclude: Collection[int] = (), blocks: Optional[int] = None,
                model: Optional[str] = None, worker_type: Optional[str] = None) -> Optional[int]:
@@ -193,6 +196,12 @@ class SharedMonitor(SnapshotReads):
         # reservations this process holds (local credit), so routing goes on.
         self._count("local_picks")
         excluded = set(exclude)
+        if self._local_holds:
+            now = time.monotonic()
+            for wid, until in list(self._local_holds.items()):
+                if until <= now:
+                    self._local_holds.pop(wid, None)
+            excluded.update(self._local_holds)
         free = [w for w in self._snapshot.free_order if w not in excluded]
         if not free:
             self._count("rejected")
@@ -204,7 +213,18 @@ class SharedMonitor(SnapshotReads):
         self._local_inflight[wid] = self._local_inflight.get(wid, 0) + 1
         booking = _RemoteBooking(None, wid)
         return Reservation(wid, 0, lambda: f"local p2c (agent unavailable): {wid:x} by in-flight count", 1,
-                           self._release, booking)  # type: ignore[arg-type]
+                           self._release, booking, self.overloaded)
+
+    def overloaded(self, worker_id: int) -> None:
+        """The frontend answered 529 for a request on ``worker_id``: as :meth:`WorkerMonitor.overloaded`.
+
+        The agent holds it busy host-wide; this process also leaves it out of
+        its own fallback picks for ``overload_hold`` (1 s).  Never blocks; any thread.
+        """
+        if worker_id < 0:
+            worker_id += 1 << 64
+        self._local_holds[worker_id] = time.monotonic() + self.overload_hold
+        self._send({"t": "overloaded", "worker_id": worker_id})
 
     def _release(self, booking: _RemoteBooking) -> None:
         if not booking.live:
