@@ -21,7 +21,7 @@ import atexit
 import threading
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -61,9 +61,11 @@ class BusyWorkersMiddleware:
     ``request.workermon_worker``; for Dynamo, ``dynamo_headers(request)`` gives
     the frontend's direct-mode headers.  With ``WORKERMON_FRONTEND_URL`` set,
     requests under ``WORKERMON_FORWARD_PREFIX`` (default ``/v1/``) are
-    forwarded to that frontend here, as the Flask example does: a 529 from
-    the frontend is retried once on another worker.  The reservation is
-    released when the response is done (streamed responses included).
+    forwarded to that frontend here, as the Flask example does: on a 529 from
+    the frontend the reservation is marked ``overloaded()`` (released, the
+    worker held busy as the frontend does) and the request is retried once on
+    another worker.  The reservation is released when the server closes the
+    response, which it does for every response (streamed or not, HEAD included).
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -86,10 +88,13 @@ class BusyWorkersMiddleware:
             try:
                 if self.frontend and request.path.startswith(self.prefix):
                     response = self._forward(request, res)
-                    if response.status_code == OVERLOADED and attempt == 1:
+                    if response.status_code == OVERLOADED:
                         response.close()
+                        res.overloaded()
                         excluded += (res.worker_id,)
-                        continue
+                        if attempt == 1:
+                            continue
+                        return _unavailable(monitor, 2)
                 else:
                     response = self.get_response(request)
             except BaseException:
@@ -136,16 +141,10 @@ def _unavailable(monitor: WorkerMonitor, attempt: int) -> HttpResponse:
 
 def _release_when_done(response: HttpResponse, res: Reservation) -> HttpResponse:
     if getattr(response, "streaming", False):
-        # Released once the last chunk is out (or the client went away).
-        inner = response.streaming_content  # type: ignore[attr-defined]
-
-        def chunks() -> Iterator[Any]:
-            try:
-                yield from inner
-            finally:
-                res.release()
-
-        response.streaming_content = chunks()  # type: ignore[attr-defined]
+        # The server closes every response when it is done with it — after the
+        # last chunk, when the client went away, or without reading it at all
+        # (HEAD replaces a streamed body): the booking ends there.
+        response._resource_closers.append(res.release)  # type: ignore[attr-defined]
     else:
         res.release()
     return response

@@ -9,11 +9,13 @@ router:
 1. ``monitor.reserve()``s a worker (and rank): p2c over the free workers, with
    credit for what it has just routed, so 64 threads do not herd onto one;
 2. forwards the request to the frontend with those two headers;
-3. releases the reservation when the response is done — streamed responses
-   included (the release runs when the last chunk has been sent or the client
-   went away);
+3. releases the reservation when the response is closed — which the WSGI
+   server does for every response, streamed or not, read to the end or not
+   (HEAD, 204 and 304 included, whose bodies are never read);
 4. on a 529 "Overloaded" from the frontend (it applies its threshold to the
-   named worker too) retries once on another worker (``exclude=``);
+   named worker too) calls ``reservation.overloaded()`` (released, and the
+   worker held busy until its next load report, as the frontend does) and
+   retries once on another worker (``exclude=``);
 5. answers 503 with ``Retry-After`` when ``reserve()`` gives None, without
    sending anything to the frontend.
 
@@ -116,19 +118,24 @@ def create_app(
                 return Response(json.dumps({"error": f"worker {res.worker_id:x} unreachable: {err}"}), status=502,
                                 mimetype="application/json")
             status = getattr(up, "status", None) or up.code
-            if status == OVERLOADED and attempt == 1:
-                # The frontend holds the named worker over its threshold: another one.
+            if status == OVERLOADED:
+                # The frontend holds the named worker over its threshold: remember it
+                # as the frontend does, and try another one.
                 up.close()
-                res.release()
+                res.overloaded()
                 excluded += (res.worker_id,)
-                continue
+                if attempt == 1:
+                    continue
+                return unavailable("All workers are busy, please retry later")
             return relay(up, status, res)
         return unavailable("All workers are busy, please retry later")
 
     def relay(up: Any, status: int, res: Reservation) -> Response:
+        def done() -> None:
+            up.close()
+            res.release()  # idempotent: whichever of the two below comes first
+
         def chunks() -> Iterator[bytes]:
-            # Runs as the client reads; ``finally`` also runs when the server
-            # closes the response early (client gone): release either way.
             try:
                 while True:
                     line = up.readline()  # line by line: server-sent events arrive as they are sent
@@ -136,10 +143,13 @@ def create_app(
                         return
                     yield line
             finally:
-                up.close()
-                res.release()
+                done()
 
         out = Response(chunks(), status=status)
+        # The WSGI server closes every response once it is done with it, even
+        # one whose body it never reads (HEAD, 204, 304; the body generator
+        # never starts then) or a client that went away mid-stream.
+        out.call_on_close(done)
         for k, v in up.headers.items():
             if k.lower() not in HOP_BY_HOP:
                 out.headers[k] = v
