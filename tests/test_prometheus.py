@@ -162,3 +162,27 @@ def test_real_prometheus_scrapes_the_agent(etcd_server: EtcdServer, nats_server:
                 p.kill()
                 p.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_one_oversized_message_is_counted_once(make_monitor: Make, nats_server: NatsServer, namespace: str) -> None:
+    from .helpers import RawNatsPublisher, active_load
+
+    mon = make_monitor(max_load_bytes=1024)
+    mon.start()
+    port = free_port()
+    server, thread = serve(mon, port)
+    try:
+        assert mon.wait_ready(10)
+        with RawNatsPublisher(nats_server.url) as pub:
+            pub.publish(f"namespace.{namespace}.kv_metrics", active_load(0x1234, kv_used_blocks=1, pad="x" * 4096))
+            pub.publish(f"namespace.{namespace}.kv_metrics", b"{not json")
+        assert mon.wait_for(lambda: mon.health().nats.counters.get("malformed_oversized", 0) == 1
+                            and mon.health().reducer.get("malformed_load", 0) == 1, 10)
+        m = scrape(port)
+        malformed = {labels: v for (name, labels), v in m.items() if name == "workermon_malformed_input_total"}
+        assert sum(malformed.values()) == 2, malformed
+        assert malformed[(("reason", "oversized"), ("source", "nats"))] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
