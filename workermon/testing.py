@@ -52,12 +52,23 @@ class Servers:
 class SimWorker:
     """One simulated Dynamo worker: a card under its own lease, load reports on its event plane."""
 
-    def __init__(self, publisher: Any) -> None:
+    def __init__(self, publisher: Any, subscribe_timeout: float = 10.0) -> None:
         self._pub = publisher
         self.worker_id: int = publisher.worker_id
+        self.subscribe_timeout = subscribe_timeout
 
     def report(self, blocks: int, dp_rank: int = 0) -> None:
-        """Publish the rank's active KV blocks now."""
+        """Publish the rank's active KV blocks now.
+
+        On ZMQ it first waits (up to ``subscribe_timeout`` s) until a monitor
+        has subscribed to this worker: a PUB socket keeps nothing for a
+        subscriber that connects later, so a report sent before would be lost.
+        AssertionError when none subscribes in time (start the monitor first).
+        """
+        if self._pub.event_plane == "zmq" and not self._pub.wait_subscribed(self.subscribe_timeout):
+            raise AssertionError(
+                f"no monitor subscribed to ZMQ worker {self.worker_id:x} within {self.subscribe_timeout} s: "
+                "start a monitor on this fleet before reporting (ZMQ keeps nothing for late subscribers)")
         self._pub.report(blocks, dp_rank)
         self._pub.flush()
 
@@ -104,8 +115,8 @@ class Fleet:
     def wait_until(self, monitor: Any, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait (on the monitor's own updates) until ``predicate()``; AssertionError at timeout.
 
-        For ZMQ workers, waits for the monitor to be connected to each of them first where needed:
-        ZMQ keeps nothing for late subscribers.
+        Reports from ZMQ workers are not lost to a monitor that subscribed late:
+        :meth:`SimWorker.report` waits for the subscription before it sends.
         """
         if not monitor.wait_for(predicate, timeout):
             raise AssertionError(f"the fleet did not reach the expected state within {timeout} s")
