@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import threading
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, List
 
 import msgspec
@@ -402,3 +405,58 @@ def test_oversized_zmq_payload() -> None:
     with pytest.raises(Malformed) as exc:
         parse_zmq_frames(frames, b"kv_metrics", max_bytes=65536)
     assert exc.value.reason == "oversized"
+
+
+_HOSTILE = r"""
+import sys
+from workermon import WorkerPublisher
+pub = WorkerPublisher([sys.argv[1]], event_plane="zmq", namespace=sys.argv[2], total_kv_blocks=1000).start()
+print(pub.worker_id, flush=True)
+assert pub.wait_subscribed(30)
+good = pub.zmq_frames(pub.load_message(950))
+mb = b"x" * (1 << 20)
+pub.send_frames(good + [mb] * 150)                          # 150 MB in 154 frames
+pub.send_frames(good[:3] + [b"\x01" + b"y" * (150 << 20)])  # one 150 MB frame
+pub.report(950)
+print("sent", flush=True)
+sys.stdin.read()
+pub.stop()
+"""
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_one_huge_message_takes_bounded_memory(zmon: Make, etcd_server: EtcdServer, namespace: str) -> None:
+    """300 MB in two messages from another process: read past frame by frame, never held."""
+    mon = zmon(max_load_bytes=64 * 1024)
+    mon.start()
+    assert mon.wait_ready(10)
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here
+    base = _vm("VmRSS")
+    proc = subprocess.Popen([sys.executable, "-c", _HOSTILE, etcd_server.url, namespace],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        wid = int(proc.stdout.readline())
+        assert mon.wait_for(lambda: mon.is_busy(wid), 60), mon.health().zmq
+        peak = _vm("VmHWM") - base
+        c = mon.health().zmq.counters
+        assert c["malformed_bad_frame_count"] == 1 and c["malformed_oversized"] == 1, c
+        assert c["max_message_bytes"] < 100 * 1024
+        # One receive chunk and one message within the limits per connection, not 150 MB.
+        assert peak < 32 * 1024 * 1024, f"peak RSS grew by {peak / 2**20:.0f} MiB"
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,6 +1,8 @@
 """The ZMQ source thread: Dynamo 1.6's default event plane.
 
-``workermon-zmq`` owns one SUB socket.  In direct mode (Dynamo's default) it
+``workermon-zmq`` owns one :class:`~workermon._zmtp.Subscriber` (ZMTP on
+plain sockets, so that one message can never take more memory than its
+limits; see that module).  In direct mode (Dynamo's default) it
 follows the ``kv_metrics`` event channels that the etcd source finds under
 ``v1/event_channels/…``: it connects to each channel's ``tcp://`` endpoint as
 the key appears and disconnects when the key goes.  In broker mode it connects
@@ -9,8 +11,9 @@ brokers deliver.  Every message is checked against the 4-frame layout
 (:func:`~workermon._parse.parse_zmq_frames`); the ActiveLoad payloads go to the
 reducer in batches, through the same backlog bound as NATS payloads.
 
-The poll has a waker: a socket pair whose read end is polled beside the SUB
-socket, written by ``stop()`` and by the etcd thread when channels change.
+The poll has a waker: a socket pair whose read end is polled beside the
+publishers' connections, written by ``stop()`` and by the etcd thread when
+channels change.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import re
 import socket
 import threading
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import attrs
 
@@ -28,12 +31,12 @@ from ._health import Backoff, SourceStatus
 from ._model import ChannelDelete, ChannelListing, ChannelPut
 from ._parse import DEFAULT_MAX_LOAD_BYTES, KV_METRICS, Malformed, parse_zmq_frames
 from ._queue import Backlog, PayloadBatch
+from ._zmtp import Subscriber
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ZmqConfig", "ZmqSource", "parse_broker_url"]
 
-_DRAIN = 4096  # messages per pass before channel changes and stop are looked at again
 
 
 def parse_broker_url(text: str) -> Tuple[str, ...]:
@@ -66,7 +69,6 @@ class ZmqConfig:
     component: Optional[str] = None
     endpoint: Optional[str] = None
     broker: Tuple[str, ...] = ()
-    rcvhwm: int = 20_000
     max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES
     dedup_window: int = 65_536
 
@@ -140,16 +142,13 @@ class ZmqSource(threading.Thread):
     # --- the thread -------------------------------------------------------------
 
     def run(self) -> None:
-        import zmq
-
         backoff = Backoff(self._stopping, 0.1, 2.0)
-        ctx = zmq.Context()
-        sub: Any = None
+        sub: Optional[Subscriber] = None
         try:
             while not self._stopping.is_set():
                 try:
                     if sub is None:
-                        sub = self._open(ctx)
+                        sub = self._open()
                     self._loop(sub)
                 except Exception:  # noqa: BLE001 - supervise: log, back off, start again
                     if self._stopping.is_set():
@@ -157,7 +156,7 @@ class ZmqSource(threading.Thread):
                     self.status.inc("restarts")
                     log.exception("ZMQ source failed unexpectedly; restarting it")
                     if sub is not None:
-                        sub.close(linger=0)
+                        sub.close()
                         sub = None
                     self._endpoints.clear()
                     self._reconnect_all()
@@ -165,25 +164,15 @@ class ZmqSource(threading.Thread):
                         break
         finally:
             if sub is not None:
-                sub.close(linger=0)
-            ctx.term()
+                sub.close()
             self._wake_r.close()
             self._wake_w.close()
             self.status.state = "stopped"
 
-    def _open(self, ctx: Any) -> Any:
-        import zmq
-
+    def _open(self) -> Subscriber:
         cfg = self._cfg
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, cfg.rcvhwm)
-        # libzmq drops a peer that sends a giant message before it is in
-        # memory; moderately oversized ones reach us and are counted.
-        sub.setsockopt(zmq.MAXMSGSIZE, max(1 << 20, 16 * cfg.max_load_bytes))
-        sub.setsockopt(zmq.RECONNECT_IVL, 100)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sub.setsockopt(zmq.SUBSCRIBE, cfg.subscription)
+        sub = Subscriber(cfg.subscription, cfg.max_load_bytes)
+        self.status.counters["max_message_bytes"] = sub.max_message_bytes
         for endpoint in cfg.broker:
             sub.connect(endpoint)
         for endpoint in list(self._endpoints):
@@ -202,27 +191,29 @@ class ZmqSource(threading.Thread):
             self._listed = True
             self._on_ready()
 
-    def _loop(self, sub: Any) -> None:
-        import zmq
-
-        poller = zmq.Poller()
-        poller.register(sub, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+    def _loop(self, sub: Subscriber) -> None:
         while not self._stopping.is_set():
             self._apply_inbox(sub)
-            events = dict(poller.poll())  # no timeout: stop() and channel changes poke the waker
-            if self._wake_r.fileno() in events or self._wake_r in events:
+            # No timeout of its own: stop() and channel changes poke the waker;
+            # the subscriber wakes itself for its reconnects.
+            woken, messages, errors = sub.poll(self._wake_r)
+            if woken:
                 try:
                     while self._wake_r.recv(4096):
                         pass
                 except (BlockingIOError, OSError):
                     pass
-            if sub in events:
-                self._drain(sub)
+            for name, n in sub.counters.items():
+                self.status.counters[name] = n
+            if sub.last_error is not None:
+                self.status.last_error = sub.last_error
+                sub.last_error = None
+            if messages or errors:
+                self._accept(messages, errors)
 
     # --- channels ---------------------------------------------------------------
 
-    def _apply_inbox(self, sub: Any) -> None:
+    def _apply_inbox(self, sub: Subscriber) -> None:
         inbox = self._inbox
         while inbox:
             item = inbox.popleft()
@@ -241,7 +232,7 @@ class ZmqSource(threading.Thread):
                 self._drop_channel(sub, item.key)
             self.status.counters["endpoints_connected"] = len(self._endpoints)
 
-    def _add_channel(self, sub: Any, channel: ChannelPut) -> None:
+    def _add_channel(self, sub: Subscriber, channel: ChannelPut) -> None:
         old = self._channels.get(channel.key)
         if old == channel:
             return
@@ -264,7 +255,7 @@ class ZmqSource(threading.Thread):
                 self.status.inc("malformed_bad_endpoint")
                 self.status.last_error = f"cannot connect to {channel.endpoint}: {exc}"
 
-    def _drop_channel(self, sub: Any, key: str) -> None:
+    def _drop_channel(self, sub: Subscriber, key: str) -> None:
         channel = self._channels.pop(key, None)
         if channel is None:
             return
@@ -280,11 +271,8 @@ class ZmqSource(threading.Thread):
             self._endpoints[channel.endpoint] = n
             return
         del self._endpoints[channel.endpoint]
-        try:
-            sub.disconnect(channel.endpoint)
-            self.status.inc("disconnects")
-        except Exception:  # noqa: BLE001 - already gone
-            log.debug("ZMQ disconnect from %s failed", channel.endpoint, exc_info=True)
+        sub.disconnect(channel.endpoint)
+        self.status.inc("disconnects")
 
     def _reconnect_all(self) -> None:
         # After a restart the new socket connects to every known channel again.
@@ -294,9 +282,8 @@ class ZmqSource(threading.Thread):
 
     # --- messages ---------------------------------------------------------------
 
-    def _drain(self, sub: Any) -> None:
-        import zmq
-
+    def _accept(self, messages: List[List[bytes]], errors: List[str]) -> None:
+        """Validate complete messages, count the malformed ones, queue the payloads."""
         cfg = self._cfg
         status = self.status
         broker = bool(cfg.broker)
@@ -306,26 +293,17 @@ class ZmqSource(threading.Thread):
         publishers = self._publishers
         batch: List[bytes] = []
         nbytes = 0
-        received = 0
-        for _ in range(_DRAIN):
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            received += 1
+        received = len(messages) + len(errors)
+        for reason in errors:
+            self._malformed(Malformed(reason, "read past on the wire"))
+        for frames in messages:
             try:
                 expected = topic
                 if broker:
                     expected = frames[0] if frames and pattern.fullmatch(frames[0]) else b"\0"
                 publisher_id, sequence, payload = parse_zmq_frames(frames, expected, cfg.max_load_bytes)
             except Malformed as exc:
-                status.inc("malformed")
-                status.inc(f"malformed_{exc.reason}")
-                if exc.reason == "identity_mismatch":
-                    status.inc("identity_mismatch")
-                if exc.reason not in self._warned:
-                    self._warned.add(exc.reason)
-                    log.warning("dropping a malformed ZMQ message (%s); further ones are only counted", exc)
+                self._malformed(exc)
                 continue
             if broker:
                 key = (publisher_id, sequence)
@@ -351,3 +329,13 @@ class ZmqSource(threading.Thread):
             status.inc("dropped_backlog", dropped)
         if kept:
             self._emit(PayloadBatch(self.backlog, kept, kept_bytes, bare=True))
+
+    def _malformed(self, exc: Malformed) -> None:
+        status = self.status
+        status.inc("malformed")
+        status.inc(f"malformed_{exc.reason}")
+        if exc.reason == "identity_mismatch":
+            status.inc("identity_mismatch")
+        if exc.reason not in self._warned:
+            self._warned.add(exc.reason)
+            log.warning("dropping a malformed ZMQ message (%s); further ones are only counted", exc)
