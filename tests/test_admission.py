@@ -327,3 +327,47 @@ def test_turning_metrics_ttl_off_restores_the_last_report(
     mon.set_thresholds(metrics_ttl=None)
     assert mon.is_busy(wid) and dict(mon.load_state(wid).kv_active_blocks) == {0: 95}  # type: ignore[union-attr]
     etcd.delete(_key(namespace, wid))
+
+
+# --- the picker's promises: select()'s contract, why() agrees with reserve(), bookings bounded ----
+
+def _picker(*puts: CardPut, ttl: float = 300.0, strategy: str = "p2c") -> "tuple[FleetState, Any, list]":
+    from workermon._picker import Picker
+
+    s = FleetState()
+    apply_all(s, puts, 0.0)
+    now = [0.0]
+    return s, Picker(s, lambda: tuple(sorted(s.members - s.busy)), lambda: now[0], strategy, ttl), now
+
+
+def test_select_round_robin_and_least_loaded_name_the_next_reserve() -> None:
+    for strategy in ("round_robin", "least_loaded"):
+        s, p, _ = _picker(put(A, 1), put(B, 2), put(C, 3), strategy=strategy)
+        for _ in range(7):
+            chosen = p.pick(book=False)
+            assert chosen is not None
+            r = p.pick(book=True)
+            assert r is not None and r[0] == chosen[0], strategy
+
+
+def test_why_marks_a_rank_full_for_reserve_as_not_pickable() -> None:
+    s, p, _ = _picker(put(A, 1, total=100))
+    s.apply_load_fields(A, 0, 85, None, None, None, 0.0)
+    held = [p.pick(book=True) for _ in range(5)]  # 85 + 5 = 90: full for the next one
+    assert all(h is not None for h in held) and p.pick(book=True) is None
+    e = s.explain(A, 0.0, p.booked, p.in_flight(A))
+    assert not e.busy and not e.ranks[0].busy and e.ranks[0].pickable is False
+    assert "would not choose it" in e.summary and "full for reserve()" in e.ranks[0].why
+
+
+def test_expired_bookings_are_dropped_on_read_and_released_ones_leave_at_once() -> None:
+    s, p, now = _picker(put(A, 1, total=10_000), ttl=5.0)
+    first = p.pick(book=True)
+    assert first is not None
+    for _ in range(10_000):
+        chosen = p.pick(book=True)
+        assert chosen is not None
+        chosen[3].release()
+    assert len(p._bookings) == 1  # only the live one, however many came and went behind it
+    now[0] = 6.0  # past the TTL, and nobody picks
+    assert p.totals() == (0, 0) and p.in_flight(A) == 0 and p.counters["expired"] == 1

@@ -589,9 +589,15 @@ class WorkerMonitor(SnapshotReads):
         model: Optional[str] = None,
         worker_type: Optional[str] = None,
     ) -> Optional[int]:
-        """The worker :meth:`reserve` would book, without booking it (None: no member can take it).
+        """A worker :meth:`reserve` could book now with these arguments, without booking it (None: no
+        member can take it).
 
-        For dry runs, and for routers that book elsewhere.  Any thread; never blocks on I/O.
+        For ``"p2c"`` and ``"random"`` each call is an independent draw, so a
+        ``reserve()`` right after may choose another worker; ``"least_loaded"``
+        and ``"round_robin"`` answer what the next ``reserve()`` would choose
+        if nothing changes in between (a ``select()`` does not advance round
+        robin).  For dry runs, and for routers that book elsewhere (then call
+        :meth:`overloaded` on a 529).  Any thread; never blocks on I/O.
         """
         if self._forked_from is not None:
             self._check_fork()

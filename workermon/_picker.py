@@ -201,7 +201,10 @@ class Picker:
             bookings = self._bookings
             if bookings and next(iter(bookings.values())).deadline <= now:
                 self._expire(now)
+            rr = self._rr
             chosen = impl(self, free, assess)
+            if not book:
+                self._rr = rr  # a dry run leaves round robin where reserve() will find it
             if chosen is None:
                 self.counters.inc("rejected" if book else "select_none")
                 return None

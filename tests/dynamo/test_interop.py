@@ -26,7 +26,7 @@ import pytest
 from workermon import WorkerMonitor
 from workermon._servers import EtcdServer, NatsServer
 
-from ..helpers import RawNatsSubscriber, etcd_client, retry_pause
+from ..helpers import RawNatsSubscriber, etcd_client, retry_pause, wait_until
 from .fleet import DynamoFleet, version_tuple
 
 pytestmark = pytest.mark.dynamo
@@ -411,6 +411,97 @@ def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch
                 stop.set()
                 for t in loaders:
                     t.join(180)
+        finally:
+            mon.stop()
+            fleet.stop()
+
+
+def test_admission_and_overloaded_agree_with_the_direct_mode_frontend(release: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16, items 1-2, on a real 1.6.1 frontend in direct mode: a worker whose card differs (block
+    size 32 beside 16) is refused by the frontend (400) and never chosen by workermon; it is served
+    once the incumbent leaves; a 529 marked with overloaded() holds the worker busy."""
+    if version_tuple(release) < (1, 6):
+        pytest.skip("card admission and direct mode are measured on 1.6")
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    from examples.flask_router import create_app
+
+    from ..conftest import Changes
+
+    python = _python_for(release)
+    with EtcdServer() as etcd:
+        fleet = DynamoFleet(python, release, etcd.url, None, workers=1, blocks=BLOCKS, busy_threshold=THRESHOLD,
+                            event_plane=None, frontend_args=("--router-mode", "direct"))
+        # The KV rule off in workermon: only the frontend's own threshold refuses (529), so the
+        # only way workermon learns of it is overloaded().
+        mon = WorkerMonitor(etcd_endpoints=[etcd.url], busy_threshold=None, overload_hold=30.0)
+        changes = Changes()
+        mon.on_busy_change(changes)
+        fleet.start()
+        mon.start()
+        try:
+            _until_serving(fleet, mon)
+            (a,) = mon.members()
+            fleet.worker_args = ("--block-size", "32")  # the last --block-size wins
+            fleet.start_worker(1)
+            assert mon.wait_for(lambda: len(mon.load_states()) == 2, 90), fleet.logs()
+            (b,) = set(mon.load_states()) - {a}
+            assert mon.members() == {a} and mon.load_states()[b].admitted is False
+            assert "kv_cache_block_size 32 (incumbent: 16)" in str(mon.why(b))
+            frontend = f"http://127.0.0.1:{fleet.http_port}"
+            model = fleet.served_model()
+            body = {"model": model, "max_tokens": 4, "ignore_eos": True, "min_tokens": 4,
+                    "messages": [{"role": "user", "content": "hello"}], "nvext": {"extra_fields": ["worker_id"]}}
+            # The premise, measured: the frontend refuses the newcomer.
+            assert _post(f"{frontend}/v1/chat/completions", body, {"x-worker-instance-id": str(b)})[0] == 400
+            app = create_app(mon, frontend_url=frontend)
+            client = app.test_client()
+            for _ in range(12):
+                r = client.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.get_data(as_text=True)
+                assert int(r.headers["X-Workermon-Worker"], 16) == a
+            # The incumbent leaves (1.6 revokes its lease on SIGTERM): the frontend then serves B.
+            os.killpg(fleet.mockers[0].pid, signal.SIGTERM)
+            assert mon.wait_for(lambda: mon.members() == {b}, 60), mon.load_states()
+            deadline = time.monotonic() + 60
+            while True:  # the frontend re-admits on its own schedule: a bounded poll of its answers
+                r = client.post("/v1/chat/completions", json=body)
+                if r.status_code == 200:
+                    break
+                assert time.monotonic() < deadline, r.get_data(as_text=True)
+                retry_pause(0.5)
+            ran_on = {int(m) for m in re.findall(r'"decode_worker_id":\s*(\d+)', r.get_data(as_text=True))}
+            assert int(r.headers["X-Workermon-Worker"], 16) == b and ran_on == {b}
+            # A real 529: load B over the frontend's threshold, then reserve it through the router.
+            stop = threading.Event()
+
+            def load() -> None:
+                while not stop.is_set():
+                    _post(f"{frontend}/v1/chat/completions",
+                          {"model": model, "max_tokens": 200, "ignore_eos": True, "min_tokens": 200,
+                           "messages": [{"role": "user", "content": "x" * 600}]},
+                          {"x-worker-instance-id": str(b)})
+
+            loaders = [threading.Thread(target=load) for _ in range(4)]
+            for t in loaders:
+                t.start()
+            try:
+                over = THRESHOLD * mon.load_states()[b].kv_total_blocks  # type: ignore[operator]
+                assert mon.wait_for(lambda: max(mon.load_states()[b].kv_active_blocks.values(), default=0) > over,
+                                    90), mon.load_states()
+                while not changes.q.empty():
+                    changes.q.get_nowait()
+                statuses = Counter(client.post("/v1/chat/completions", json=body).status_code for _ in range(5))
+                # Each 529 was marked: the worker entered the busy set, the booking went.
+                assert mon.health().reducer.get("overloaded", 0) >= 1, statuses
+                assert b in changes.get(timeout=10).became_busy
+                assert wait_until(lambda: mon.health().picker["in_flight"] == 0, 30)
+                assert not statuses.keys() - {529, 503, 200}, statuses
+            finally:
+                stop.set()
+                for t in loaders:
+                    t.join(240)
         finally:
             mon.stop()
             fleet.stop()
