@@ -5,7 +5,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -98,6 +98,8 @@ class Changes:
 
     def __init__(self) -> None:
         self.q: "queue.Queue[BusyChange]" = queue.Queue()
+        # The monitor watched, so that a wait that times out says where a report stopped.
+        self.monitor: Optional[Any] = None
 
     def __call__(self, change: BusyChange) -> None:
         self.q.put(change)
@@ -106,7 +108,15 @@ class Changes:
         try:
             return self.q.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"no BusyChange within {timeout} s") from None
+            raise AssertionError(f"no BusyChange within {timeout} s{self._where()}") from None
+
+    def _where(self) -> str:
+        mon = self.monitor
+        if mon is None:
+            return ""
+        h = mon.health()
+        return (f"; nats: {h.nats.state} {dict(h.nats.counters)}; zmq: {h.zmq.state}; reducer: {dict(h.reducer)}; "
+                f"busy {sorted(mon.busy_workers())} of {sorted(mon.members())}; version {mon.version}")
 
     def drain(self) -> List[BusyChange]:
         out = []

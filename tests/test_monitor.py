@@ -182,6 +182,7 @@ def test_raising_callback_isolated(make_monitor: Make, etcd: Any, publisher: Raw
 
     mon.on_busy_change(boom)
     mon.on_busy_change(changes)
+    changes.monitor = mon  # a timeout then says where the report stopped
     mon.start()
     assert mon.wait_ready(10)
     for value in (99, 1, 99):
