@@ -116,8 +116,15 @@ def test_every_strategy_on_a_fixed_fleet() -> None:
     assert s.busy == {D}
     # least_loaded: the lowest predicted utilisation.
     assert p.pick(book=False, strategy="least_loaded")[0] == B  # type: ignore[index]
-    # round_robin: the free workers in turn (sorted ids), skipping the busy one.
-    rr = [p.pick(book=False, strategy="round_robin")[0] for _ in range(6)]  # type: ignore[index]
+    # round_robin: the free workers in turn (sorted ids), skipping the busy one; a dry run
+    # (select) names the next one without moving the turn.
+    rr = []
+    for _ in range(6):
+        dry = p.pick(book=False, strategy="round_robin")
+        booked = p.pick(book=True, strategy="round_robin", blocks=0)
+        assert dry is not None and booked is not None and dry[0] == booked[0]
+        booked[3].release()  # type: ignore[union-attr]
+        rr.append(booked[0])
     assert rr == [A, B, C, A, B, C]
     # p2c: of two distinct random candidates, the lower predicted utilisation; never the worst one.
     picks = Counter(p.pick(book=False, strategy="p2c")[0] for _ in range(300))  # type: ignore[index]

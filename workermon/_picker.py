@@ -22,11 +22,11 @@ import itertools
 import random
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Collection, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
 
 from ._reduce import Counters, FleetState, rank_verdict
 
-__all__ = ["Picker", "Reservation", "STRATEGIES", "Strategy"]
+__all__ = ["Picker", "Reservation", "STRATEGIES", "Strategy", "best_rank", "choose"]
 
 Strategy = Literal["p2c", "least_loaded", "round_robin", "random"]
 STRATEGIES: Tuple[str, ...] = ("p2c", "least_loaded", "round_robin", "random")
@@ -186,7 +186,6 @@ class Picker:
         strategy = self.strategy if strategy is None else check_strategy(strategy)
         blocks = self.default_blocks if blocks is None else check_blocks(blocks)
         free = self._free()
-        impl = _STRATEGY_IMPL[strategy]
         assess_one = self._assess
         if exclude:
             excluded = frozenset(e + (1 << 64) if e < 0 else e for e in exclude)
@@ -201,10 +200,7 @@ class Picker:
             bookings = self._bookings
             if bookings and next(iter(bookings.values())).deadline <= now:
                 self._expire(now)
-            rr = self._rr
-            chosen = impl(self, free, assess)
-            if not book:
-                self._rr = rr  # a dry run leaves round robin where reserve() will find it
+            chosen = choose(strategy, self, free, assess, book)
             if chosen is None:
                 self.counters.inc("rejected" if book else "select_none")
                 return None
@@ -248,40 +244,15 @@ class Picker:
         total = card.total_kv_blocks
         th = state.thresholds
         threshold = th.busy_threshold
-        by_load = bool(total) and threshold is not None
-        limit = threshold * total if by_load else 0.0  # type: ignore[operator]
         start = card.data_parallel_start_rank
         end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
         credit = self._credit
         ranks = w.ranks
-        # Without capacity to predict against, ranks are compared by the
-        # blocks booked on them; with it, by predicted utilisation.
-        best: Optional[Tuple[float, int]] = None
-        for rank_id in range(start, end):
-            r = ranks.get(rank_id)
-            load, seq = 0, 0
-            if r is not None:
-                if rank_verdict(r, card, th)[0] is True:
-                    continue  # the busy rule calls this rank busy (KV, prefill, hysteresis, stale)
-                seq = r.seq
-                if not r.stale:
-                    kv, decode = r.kv, r.decode
-                    load = max(kv if kv is not None else 0, decode if decode is not None else 0)
-            acc = credit.get((wid, rank_id))
-            booked = acc[1] if acc is not None and acc[0] == seq else 0
-            if by_load:
-                predicted = load + booked
-                if predicted + blocks > limit:
-                    continue  # this request would take the rank over the busy rule
-                score = predicted / total  # type: ignore[operator]
-            else:
-                score = float(booked)
-            if best is None or score < best[0]:
-                best = (score, rank_id)
+        best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end), total, threshold, blocks)
         if best is None:
             return None  # every rank busy or predicted busy
-        if by_load:
-            return (0, best[0]), best[1], best[0], inflight
+        if best[2] is not None:
+            return (0, best[2]), best[1], best[2], inflight
         return (1, float(inflight)), best[1], None, inflight
 
     # --- releasing and expiry ---------------------------------------------------
@@ -328,6 +299,50 @@ class Picker:
     def expire(self) -> None:
         with self._lock:
             self._expire(self._clock())
+
+
+def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit: Dict[Tuple[int, int], List[int]],
+                    start: int, end: int) -> Iterator[Tuple[int, int, int]]:
+    """``(rank, load, booked)`` for each declared rank the busy rule calls free right now."""
+    for rank_id in range(start, end):
+        r = ranks.get(rank_id)
+        load, seq = 0, 0
+        if r is not None:
+            if rank_verdict(r, card, th)[0] is True:
+                continue  # the busy rule calls this rank busy (KV, prefill, hysteresis, stale)
+            seq = r.seq
+            if not r.stale:
+                kv, decode = r.kv, r.decode
+                load = max(kv if kv is not None else 0, decode if decode is not None else 0)
+        acc = credit.get((wid, rank_id))
+        yield rank_id, load, (acc[1] if acc is not None and acc[0] == seq else 0)
+
+
+def best_rank(free_ranks: Iterable[Tuple[int, int, int]], total: Optional[int], threshold: Optional[float],
+              blocks: int) -> Optional[Tuple[float, int, Optional[float]]]:
+    """The rank to book among ``(rank, reported load, booked blocks)`` of ranks the rule calls free.
+
+    With a known capacity and the KV rule on: the lowest predicted
+    utilisation among ranks where ``load + booked + blocks ≤ threshold ×
+    total``: ``(utilisation, rank, utilisation)``.  Otherwise the rank with
+    the fewest blocks booked: ``(booked, rank, None)``.  None: no rank can
+    take the request.  Shared by the in-process and the shared-memory pickers.
+    """
+    best: Optional[Tuple[float, int, Optional[float]]] = None
+    if total and threshold is not None:
+        limit = threshold * total
+        for rank_id, load, booked in free_ranks:
+            predicted = load + booked
+            if predicted + blocks > limit:
+                continue  # this request would take the rank over the busy rule
+            util = predicted / total
+            if best is None or util < best[0]:
+                best = (util, rank_id, util)
+        return best
+    for rank_id, _load, booked in free_ranks:
+        if best is None or booked < best[0]:
+            best = (float(booked), rank_id, None)
+    return best
 
 
 def check_strategy(strategy: Any) -> str:
@@ -431,9 +446,20 @@ def _random(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optio
     return wid, a, lambda: f"random: {wid:x} of {len(eligible)} that can take it ({_describe(a)})"
 
 
-_STRATEGY_IMPL: Dict[str, Callable[[Picker, Tuple[int, ...], Callable[[int], Optional[_Assessment]]], Chosen]] = {
+_STRATEGY_IMPL: Dict[str, Callable[[Any, Tuple[int, ...], Callable[[int], Optional[_Assessment]]], Chosen]] = {
     "p2c": _p2c,
     "least_loaded": _least_loaded,
     "round_robin": _round_robin,
     "random": _random,
 }
+
+
+def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]],
+           book: bool) -> Chosen:
+    """Apply a strategy over ``free`` with ``assess``; ``draws`` holds ``_rng`` and the round-robin
+    cursor ``_rr`` (a dry run leaves the cursor where the next booking will find it)."""
+    rr = draws._rr
+    chosen = _STRATEGY_IMPL[strategy](draws, free, assess)
+    if not book:
+        draws._rr = rr
+    return chosen
