@@ -35,7 +35,7 @@ def on_starting(server: Any) -> None:
     global _agent
     if os.environ.get("WORKERMON_MODE", "agent") != "agent":
         return
-    from workermon._agent import default_socket_path
+    from workermon._protocol import default_socket_path
 
     sock = os.environ.setdefault("WORKERMON_AGENT_SOCKET", default_socket_path())
     # A child process, not a thread: the master forks the workers, and gRPC

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, List
 import pytest
 
 from workermon import SharedMonitor, WorkerMonitor, WorkerPublisher
-from workermon._agent import Agent, FrameReader, encode_frame
+from workermon._agent import Agent
+from workermon._protocol import FrameReader, encode_frame
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .conftest import Changes
@@ -154,12 +155,13 @@ def test_reservations_from_four_processes_spread_evenly(agent: Agent, etcd: Any,
             counts.update(c.ask("reserve 25")["workers"])
         assert sum(counts.values()) == 100 and set(counts) == set(ids)
         assert max(counts.values()) - min(counts.values()) <= 4, counts  # host-wide credit: no herd
-        assert mon.health().picker["in_flight"] == 100
-        clients[0].ask("release")  # releases are sent without waiting for an answer
-        assert wait_until(lambda: mon.health().picker["in_flight"] == 75)
-        clients[1].proc.kill()  # a client that dies holds nothing
+        # Bookings live in each process's row of the agent's shared memory, counted host-wide.
+        assert agent.booked_blocks() == 100
+        clients[0].ask("release")  # a release is a write to this process's own row: at once
+        assert agent.booked_blocks() == 75
+        clients[1].proc.kill()  # a client that dies holds nothing: the agent clears its row
         clients[1].proc.wait(10)
-        assert wait_until(lambda: mon.health().picker["in_flight"] == 50)
+        assert wait_until(lambda: agent.booked_blocks() == 50)
     finally:
         for c in clients:
             if c.proc.poll() is None:
@@ -225,7 +227,8 @@ def test_local_fallback_picks_while_the_agent_is_gone(sock_path: str) -> None:
         assert not client.wait_ready(0.3)
         assert client.reserve() is None and client.select() is None  # nothing known yet
         h = client.health()
-        assert not h.alive and h.picker["local_picks"] == 2
+        assert not h.alive and h.picker["rejected"] == 1 and h.picker["select_none"] == 1
+        assert "cannot connect" in str(h.etcd.last_error)
     finally:
         assert client.stop(5)
 
@@ -270,7 +273,6 @@ def test_socket_is_private_and_other_users_are_refused(agent: Agent, sock_path: 
     b"\xff\xff\xff\xff",                       # a frame of 4 GiB
     struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",  # not msgpack
     encode_frame({"no": "type"}),
-    encode_frame({"t": "shutdown"}),            # an unknown request
 ])
 def test_hostile_bytes_drop_the_connection_only(agent: Agent, shared: Any, payload: bytes) -> None:
     good = shared()
@@ -278,8 +280,11 @@ def test_hostile_bytes_drop_the_connection_only(agent: Agent, shared: Any, paylo
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(agent.path)
     s.settimeout(5)
-    reader = FrameReader()
-    assert reader.feed(s.recv(65536))[0]["t"] == "state"
+    reader = FrameReader(1 << 30)
+    frames: list = []
+    while len(frames) < 2:
+        frames += reader.feed(s.recv(65536))
+    assert [f["t"] for f in frames][:2] == ["hello", "state"]
     s.sendall(payload)
     rest = b""
     while True:
@@ -290,6 +295,34 @@ def test_hostile_bytes_drop_the_connection_only(agent: Agent, shared: Any, paylo
     s.close()  # the agent closed it
     assert agent.counters["malformed"] >= 1 and agent.is_alive()
     assert good.health().alive  # the well-behaved client is still served
+
+
+@pytest.mark.parametrize("request_, error", [
+    ({"t": "shutdown", "id": 1}, "unknown request"),
+    ({"t": "why", "id": 1, "worker_id": float("inf")}, "must be an integer"),
+    ({"t": "why", "id": 1, "worker_id": 5, "blocks": -1}, "blocks"),
+    ({"t": "load_state", "id": 1, "worker_id": "x"}, "must be an integer"),
+    ({"t": "set_thresholds", "id": 1, "changes": {"busy_threshold": 7}}, "busy_threshold"),
+    ({"t": "set_thresholds", "id": 1, "changes": {"no_such_option": 1}}, "no_such_option"),
+    ({"t": "set_thresholds", "id": 1, "changes": [1]}, "map"),
+])
+def test_bad_arguments_get_an_error_reply_and_keep_the_connection(agent: Agent, request_: Any, error: str) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(agent.path)
+    s.settimeout(5)
+    reader = FrameReader(1 << 30)
+    try:
+        frames: list = []
+        while len(frames) < 2:
+            frames += reader.feed(s.recv(65536))
+        s.sendall(encode_frame(request_) + encode_frame({"t": "ping", "id": 2}))
+        replies: list = []
+        while len(replies) < 2:
+            replies += [f for f in reader.feed(s.recv(65536)) if f["t"] in ("reply", "pong")]
+        assert replies[0]["t"] == "reply" and error in replies[0]["error"], replies[0]
+        assert replies[1]["t"] == "pong"  # the same connection answers on
+    finally:
+        s.close()
 
 
 def test_frame_reader_bounds() -> None:

@@ -1,135 +1,177 @@
-"""The host agent: one monitor per host, served to local processes over a Unix socket.
+"""The host agent: one monitor per host, served to the local processes of its user.
 
 ``workermon agent`` runs a :class:`~workermon.WorkerMonitor` and this server;
 each gunicorn/uWSGI worker process uses :class:`~workermon.SharedMonitor`.  The
-agent does all the per-report work (one etcd watch, one NATS/ZMQ subscription,
-one decode of each report); what reaches a client is the state as it changes:
-the busy set, membership, version and readiness, pushed on every change.
-``reserve()`` / ``select()`` / ``why()`` and the rest are requests answered
-here, so reservations are host-wide: bookings made by any process count for
-every process.  A connection's reservations are released when it closes.
+agent does all the per-report work (one etcd watch, one event-plane
+subscription, one decode of each report) and publishes what picking needs in
+shared memory (:mod:`workermon._shm`): every client picks and books there,
+with no round trip.  Over the Unix socket it pushes the busy set, membership,
+version and readiness as they change, and answers what is rare (``why()``,
+``load_states()``, ``health()``, ``set_thresholds()``, a 529's
+``overloaded()``).  When a client's connection closes its booking row is
+cleared: the bookings of a process that died are gone with it.
 
-Wire: each frame is a 4-byte big-endian length and that many bytes of msgpack
-(a map with a ``t`` type).  A frame over ``MAX_FRAME`` bytes, bytes that are not
-msgpack, or an unknown request are counted and the connection is dropped.
-
-Only processes of the same user may connect: the socket is created ``0600`` in
-a directory of the user's own, and each peer's uid is checked (``SO_PEERCRED``);
-a refused peer gets one error frame, then the connection closes.
+Whom it serves and where: see :mod:`workermon._protocol` (both ends check).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
 import socket
 import stat
-import struct
 import threading
-from typing import Any, Dict, List, Optional
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
-import msgspec
 
+from ._protocol import (
+    MAX_REPLY,
+    REQUESTS,
+    SHM_NAME,
+    FrameError,
+    FrameReader,
+    default_socket_path,
+    encode_frame,
+    peer_uid,
+    prepare_private_dir,
+)
 from ._reduce import Counters
+from ._shm import SharedFleet, ShmLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "MAX_FRAME", "default_socket_path", "encode_frame", "FrameReader"]
+__all__ = ["Agent", "AgentLimits", "default_socket_path"]
 
-MAX_FRAME = 1 << 20  # requests are small; a larger frame is hostile
-MAX_OUTBUF = 8 << 20  # a client this far behind is dropped (it reconnects and gets the state afresh)
-_LEN = struct.Struct(">I")
+MAX_OUTBUF = MAX_REPLY + (1 << 20)  # a client this far behind is dropped (it reconnects and gets the state afresh)
 
 
-def default_socket_path() -> str:
-    """``$WORKERMON_AGENT_SOCKET``, else ``$XDG_RUNTIME_DIR/workermon/agent.sock``, else
-    ``/tmp/workermon-<uid>/agent.sock``."""
-    explicit = os.environ.get("WORKERMON_AGENT_SOCKET")
-    if explicit:
-        return explicit
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "workermon", "agent.sock")
-    return os.path.join("/tmp", f"workermon-{os.getuid()}", "agent.sock")
+@attrs.frozen
+class AgentLimits:
+    """How large the agent's shared memory is: workers, data-parallel rank slots, client processes."""
 
+    max_workers: int = 16384
+    max_ranks: int = 65536
+    max_clients: int = 128
 
-def encode_frame(msg: Dict[str, Any]) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return _LEN.pack(len(body)) + body
-
-
-class FrameError(ValueError):
-    """Bytes on the socket that are not a valid frame."""
-
-
-class FrameReader:
-    """Splits a byte stream into decoded frames; raises :class:`FrameError` on hostile input."""
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self._max = max_frame
-
-    def feed(self, data: bytes) -> List[Dict[str, Any]]:
-        self._buf += data
-        out: List[Dict[str, Any]] = []
-        while len(self._buf) >= 4:
-            (n,) = _LEN.unpack_from(self._buf)
-            if n > self._max:
-                raise FrameError(f"frame of {n} bytes > {self._max}")
-            if len(self._buf) < 4 + n:
-                break
-            body = bytes(self._buf[4:4 + n])
-            del self._buf[:4 + n]
-            try:
-                msg = msgspec.msgpack.decode(body)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                raise FrameError(f"not msgpack: {exc}") from None
-            if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-                raise FrameError("a frame must be a map with a string 't'")
-            out.append(msg)
-        return out
-
-
-def peer_uid(sock: socket.socket) -> Optional[int]:
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-def prepare_socket_dir(path: str) -> None:
-    """Create the socket's directory (0700) and refuse one that others can write to."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{directory} belongs to uid {st.st_uid}, not to this user ({os.getuid()})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-        raise PermissionError(f"{directory} is writable by others: choose a private directory for the socket")
+    def layout(self) -> ShmLayout:
+        return ShmLayout(self.max_workers, self.max_ranks, self.max_clients)
 
 
 class _Conn:
-    __slots__ = ("sock", "reader", "out", "reservations", "peer")
+    __slots__ = ("sock", "reader", "out", "peer", "row")
 
-    def __init__(self, sock: socket.socket, peer: Optional[int]) -> None:
+    def __init__(self, sock: socket.socket, peer: Optional[int], row: int) -> None:
         self.sock = sock
         self.reader = FrameReader()
         self.out = bytearray()
-        self.reservations: Dict[int, Any] = {}
         self.peer = peer
+        self.row = row
+
+
+class _ShmWriter(threading.Thread):
+    """``workermon-agent-shm``: copies each changed worker's picking state into shared memory."""
+
+    def __init__(self, monitor: Any, fleet: SharedFleet, counters: Counters) -> None:
+        super().__init__(name="workermon-agent-shm", daemon=True)
+        self.monitor = monitor
+        self.fleet = fleet
+        self.counters = counters
+        self.stopping = threading.Event()
+        self._slots: Dict[int, int] = {}  # worker id -> slot
+        self._runs: Dict[int, Tuple[int, int]] = {}  # worker id -> (first rank slot, rank count)
+        self._free_slots: List[int] = []
+        self._free_runs: Dict[int, List[int]] = {}  # rank count -> free first rank slots
+        self._next_slot = 0
+        self._next_rank = 0
+        self._layout_seq = 0
+        self._threshold: Optional[float] = None
+
+    @property
+    def ranks_used(self) -> int:
+        return self._next_rank
+
+    def run(self) -> None:
+        mon = self.monitor
+        try:
+            while not self.stopping.is_set():
+                changes = mon.wait_pick_changes(timeout=0.5)
+                threshold = mon.thresholds.busy_threshold
+                moved = threshold != self._threshold
+                self._threshold = threshold
+                for wid, st in changes.items():
+                    moved |= self._write(wid, st)
+                if moved:
+                    self._layout_seq += 1
+                    self.fleet.set_layout(self._layout_seq, self._next_slot, threshold)
+                if changes:
+                    self.counters.inc("shm_writes", len(changes))
+        except Exception:  # noqa: BLE001 - logged; clients then see a frozen state and say so via ready
+            self.counters.inc("errors")
+            log.exception("workermon agent: the shared-memory writer failed")
+
+    def _write(self, wid: int, st: Any) -> bool:
+        """Write one worker; True when a slot changed hands (clients rescan)."""
+        fleet = self.fleet
+        lay = fleet.layout
+        if st is None:
+            slot = self._slots.pop(wid, None)
+            if slot is None:
+                return False
+            fleet.clear_slot(slot)
+            self._free_slots.append(slot)
+            first, n = self._runs.pop(wid)
+            self._free_runs.setdefault(n, []).append(first)
+            return True
+        moved = False
+        n = len(st.ranks)
+        run = self._runs.get(wid)
+        if run is not None and run[1] != n:
+            self._free_runs.setdefault(run[1], []).append(run[0])
+            del self._runs[wid]
+            run = None
+            moved = True
+        if run is None:
+            free = self._free_runs.get(n)
+            if free:
+                first = free.pop()
+            elif self._next_rank + n <= lay.rank_cap:
+                first = self._next_rank
+                self._next_rank += n
+            else:
+                self.counters.inc("shm_full_ranks")
+                return moved
+            run = self._runs[wid] = (first, n)
+            moved = True
+        slot = self._slots.get(wid)
+        if slot is None:
+            if self._free_slots:
+                slot = self._free_slots.pop()
+            elif self._next_slot < lay.slot_cap:
+                slot = self._next_slot
+                self._next_slot += 1
+            else:
+                self.counters.inc("shm_full_workers")
+                self._free_runs.setdefault(n, []).append(run[0])
+                del self._runs[wid]
+                return moved
+            self._slots[wid] = slot
+            moved = True
+        fleet.write_slot(slot, st, run[0], n)
+        return moved
 
 
 class Agent(threading.Thread):
-    """``workermon-agent``: serves one started monitor on a Unix socket."""
+    """``workermon-agent``: serves one started monitor on a Unix socket and in shared memory."""
 
-    def __init__(self, monitor: Any, path: Optional[str] = None) -> None:
+    def __init__(self, monitor: Any, path: Optional[str] = None, limits: AgentLimits = AgentLimits()) -> None:
         super().__init__(name="workermon-agent", daemon=True)
         self.monitor = monitor
         self.path = path or default_socket_path()
+        self.limits = limits
         self.counters = Counters()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -138,28 +180,55 @@ class Agent(threading.Thread):
         self._conns: Dict[int, _Conn] = {}
         self._sel = selectors.DefaultSelector()
         self._listener: Optional[socket.socket] = None
-        self._sent_version: Optional[object] = None
-        self._tokens = 0
+        self._sent: Optional[Tuple[Any, bool]] = None
         self._uid = os.getuid()
+        self.shm_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), SHM_NAME)
+        self._fleet: Optional[SharedFleet] = None
+        self._writer: Optional[_ShmWriter] = None
+        self._free_rows: List[int] = []
+        self._next_row = 0
+        self._accept_paused_until = 0.0
+        self._emfile_logged = False
 
     # --- lifecycle ----------------------------------------------------------------
 
     def bind(self) -> "Agent":
-        """Create the socket (0600, in a private directory); raises OSError/PermissionError."""
-        prepare_socket_dir(self.path)
-        if os.path.exists(self.path):
+        """Create the socket (``0600``) and the shared memory (``0600``) in a private directory.
+
+        Raises ``PermissionError`` (the directory is not private: says why) or
+        ``OSError`` (another agent serves the path; the path is not a socket).
+        Only a stale socket of this user's is ever removed.
+        """
+        prepare_private_dir(self.path)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(f"{self.path} exists and is not a socket: not removing it")
+            if st.st_uid != self._uid:
+                raise PermissionError(f"{self.path} belongs to uid {st.st_uid}: not removing it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                probe.settimeout(1.0)
                 probe.connect(self.path)
                 raise OSError(f"another agent is serving {self.path}")
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(self.path)  # a stale socket of an agent that died
+            except socket.timeout:
+                raise OSError(f"another agent is serving {self.path} (it does not answer)") from None
             finally:
                 probe.close()
+        self._fleet = SharedFleet.create(self.shm_path, self.limits.layout())
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             listener.bind(self.path)
+        except BaseException:
+            listener.close()
+            self._remove_files()
+            raise
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -167,6 +236,32 @@ class Agent(threading.Thread):
         listener.setblocking(False)
         self._listener = listener
         return self
+
+    def close(self) -> None:
+        """Undo :meth:`bind` for an agent that will not run (its files go)."""
+        if self._listener is not None and not self.is_alive():
+            self._listener.close()
+            self._listener = None
+            self._remove_files()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _remove_files(self) -> None:
+        for path in (self.path, self.shm_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if self._fleet is not None:
+            self._fleet.close()
+            self._fleet = None
+
+    def booked_blocks(self) -> int:
+        """Blocks booked by every client process that still count (host-wide; O(clients × ranks))."""
+        fleet, writer = self._fleet, self._writer
+        if fleet is None or writer is None:
+            return 0
+        return fleet.booked_total(self._next_row, writer.ranks_used)
 
     def stop(self, timeout: float = 5.0) -> bool:
         self._stopping.set()
@@ -186,14 +281,23 @@ class Agent(threading.Thread):
     def run(self) -> None:
         if self._listener is None:
             self.bind()
-        assert self._listener is not None
+        assert self._listener is not None and self._fleet is not None
         sel = self._sel
         sel.register(self._listener, selectors.EVENT_READ, "accept")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.monitor._snapshot_listeners.append(self._poke)
+        self._writer = _ShmWriter(self.monitor, self._fleet, self.counters)
+        self._writer.start()
+        self.monitor.add_listener(self._poke)
         try:
             while not self._stopping.is_set():
-                for key, events in sel.select():
+                timeout = None
+                if self._accept_paused_until:
+                    timeout = max(0.0, self._accept_paused_until - time.monotonic())
+                    if timeout == 0.0:
+                        self._accept_paused_until = 0.0
+                        sel.register(self._listener, selectors.EVENT_READ, "accept")
+                        timeout = None
+                for key, events in sel.select(timeout):
                     try:
                         self._handle(key, events)
                     except Exception:  # noqa: BLE001 - one connection's trouble never stops the agent
@@ -203,18 +307,14 @@ class Agent(threading.Thread):
                             self._drop(key.data, "error")
                 self._broadcast_if_changed()
         finally:
-            try:
-                self.monitor._snapshot_listeners.remove(self._poke)
-            except ValueError:
-                pass
+            self.monitor.remove_listener(self._poke)
+            self._writer.stopping.set()
+            self._writer.join(5)
             for conn in list(self._conns.values()):
                 self._drop(conn, "agent stopping")
             sel.close()
             self._listener.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self._remove_files()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -245,40 +345,67 @@ class Agent(threading.Thread):
             try:
                 msgs = conn.reader.feed(data)
             except FrameError as exc:
+                # Bytes that are not frames: the stream cannot be resynchronised.
                 self.counters.inc("malformed")
                 log.warning("workermon agent: dropping a connection that sent %s", exc)
                 self._drop(conn, "malformed")
                 return
             for msg in msgs:
-                if not self._request(conn, msg):
-                    self.counters.inc("malformed")
-                    self._drop(conn, "unknown request")
-                    return
+                self._request(conn, msg)
 
     def _accept(self) -> None:
-        assert self._listener is not None
+        assert self._listener is not None and self._fleet is not None
         while True:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: stop accepting for a moment rather than spin; said once.
+                    self.counters.inc("accept_paused")
+                    if not self._emfile_logged:
+                        self._emfile_logged = True
+                        log.error("workermon agent: cannot accept connections (%s); pausing accepts for 0.5 s "
+                                  "at a time until descriptors are free", exc)
+                    self._sel.unregister(self._listener)
+                    self._accept_paused_until = time.monotonic() + 0.5
+                    return
+                raise
+            self._emfile_logged = False
             uid = peer_uid(sock)
-            if uid is not None and uid not in (self._uid,):
-                self.counters.inc("refused")
-                try:
-                    sock.sendall(encode_frame({"t": "refused", "error": (
-                        f"workermon agent: uid {uid} may not connect; only uid {self._uid} (the agent's user) may")}))
-                except OSError:
-                    pass
-                sock.close()
-                log.warning("workermon agent: refused a connection from uid %s", uid)
+            if uid is not None and uid != self._uid:
+                self._refuse(sock, f"workermon agent: uid {uid} may not connect; only uid {self._uid} "
+                                   "(the agent's user) may")
+                continue
+            if self._free_rows:
+                row = self._free_rows.pop()
+            elif self._next_row < self.limits.max_clients:
+                row = self._next_row
+                self._next_row += 1
+                self._fleet.set_procs_used(self._next_row)
+            else:
+                self._refuse(sock, f"workermon agent: already serving {self.limits.max_clients} client processes "
+                                   "(agent --max-clients)")
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, uid)
+            conn = _Conn(sock, uid, row)
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
             self.counters.inc("connections")
+            self._send(conn, {"t": "hello", "shm": self.shm_path, "epoch": self._fleet.epoch,
+                              "row": row, "pid": os.getpid()})
             self._send(conn, self._state_msg())
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        self.counters.inc("refused")
+        try:
+            sock.setblocking(False)
+            sock.send(encode_frame({"t": "refused", "error": why}))
+        except OSError:
+            pass
+        sock.close()
+        log.warning("%s", why)
 
     def _drop(self, conn: _Conn, why: str) -> None:
         fd = conn.sock.fileno()
@@ -290,25 +417,25 @@ class Agent(threading.Thread):
         except (KeyError, ValueError):
             pass
         conn.sock.close()
-        for res in conn.reservations.values():
-            res.release()  # a client that went away holds nothing
-        conn.reservations.clear()
+        if self._fleet is not None:
+            self._fleet.clear_bookings(conn.row)  # a client that went away holds nothing
+        self._free_rows.append(conn.row)
         log.debug("workermon agent: connection closed (%s)", why)
 
     # --- sending ------------------------------------------------------------------
 
     def _state_msg(self) -> Dict[str, Any]:
         mon = self.monitor
-        snap = mon._snapshot
+        snap = mon.snapshot()
         return {"t": "state", "version": snap.version, "busy": sorted(snap.busy), "members": sorted(snap.members),
                 "ready": mon.ready}
 
     def _broadcast_if_changed(self) -> None:
         mon = self.monitor
-        key = (mon._snapshot, mon.ready)
-        if key == self._sent_version:
+        key = (mon.snapshot(), mon.ready)
+        if key == self._sent:
             return
-        self._sent_version = key
+        self._sent = key
         if not self._conns:
             return
         frame = encode_frame(self._state_msg())
@@ -347,84 +474,59 @@ class Agent(threading.Thread):
 
     # --- requests -----------------------------------------------------------------
 
-    def _request(self, conn: _Conn, msg: Dict[str, Any]) -> bool:
-        """Answer one request; False for a request that is not one (the connection is dropped)."""
+    def _request(self, conn: _Conn, msg: Dict[str, Any]) -> None:
+        """Answer one request; a bad one gets an error reply, the connection stays."""
         mon = self.monitor
         t = msg["t"]
         rid = msg.get("id")
-        self.counters.inc(f"requests_{t}" if t in _KNOWN else "requests_unknown")
+        self.counters.inc(f"requests_{t}" if t in REQUESTS else "requests_unknown")
         try:
-            if t == "release":
-                token = msg.get("token")
-                res = conn.reservations.pop(token, None) if isinstance(token, int) else None
-                if res is not None:
-                    res.release()
-                return True
-            if t == "overloaded":
-                wid = msg.get("worker_id")
-                if isinstance(wid, int) and not isinstance(wid, bool):
-                    mon.overloaded(wid)
-                return True
-            if t in ("reserve", "select"):
-                kw = _pick_args(msg)
-                if t == "select":
-                    self._send(conn, {"t": "reply", "id": rid, "worker_id": mon.select(**kw)})
-                    return True
-                res = mon.reserve(**kw)
-                if res is None:
-                    self._send(conn, {"t": "reply", "id": rid, "worker_id": None})
-                    return True
-                self._tokens += 1
-                conn.reservations[self._tokens] = res
-                self._send(conn, {"t": "reply", "id": rid, "worker_id": res.worker_id, "dp_rank": res.dp_rank,
-                                  "reason": res.reason, "token": self._tokens})
-                return True
-            if t == "why":
-                self._send(conn, {"t": "reply", "id": rid,
-                                  "value": attrs.asdict(mon.why(int(msg["worker_id"])), recurse=True)})
-                return True
-            if t == "load_states":
-                states = {wid: attrs.asdict(st) for wid, st in mon.load_states().items()}
-                for st in states.values():
-                    for k, v in list(st.items()):
-                        if hasattr(v, "items"):
-                            st[k] = dict(v)
-                        elif isinstance(v, frozenset):
-                            st[k] = sorted(v)
-                self._send(conn, {"t": "reply", "id": rid, "value": states})
-                return True
-            if t == "health":
+            if t == "ping":
+                self._send(conn, {"t": "pong", "id": rid})
+            elif t == "overloaded":
+                mon.overloaded(_worker_id(msg.get("worker_id")))
+            elif t == "why":
+                blocks = msg.get("blocks")
+                value = mon.why(_worker_id(msg.get("worker_id")), blocks=blocks)
+                self._reply(conn, rid, attrs.asdict(value, recurse=True))
+            elif t == "load_states":
+                self._reply(conn, rid, {wid: _plain(attrs.asdict(st)) for wid, st in mon.load_states().items()})
+            elif t == "load_state":
+                st = mon.load_state(_worker_id(msg.get("worker_id")))
+                self._reply(conn, rid, None if st is None else _plain(attrs.asdict(st)))
+            elif t == "health":
                 h = mon.health()
                 self._send(conn, {"t": "reply", "id": rid, "value": attrs.asdict(h, recurse=True),
-                                  "agent": dict(self.counters)})
-                return True
-            if t == "thresholds":
-                self._send(conn, {"t": "reply", "id": rid, "value": attrs.asdict(mon.thresholds)})
-                return True
-            if t == "set_thresholds":
+                                  "agent": {**self.counters, "host_booked_blocks": self.booked_blocks()}})
+            elif t == "thresholds":
+                self._reply(conn, rid, attrs.asdict(mon.thresholds))
+            elif t == "set_thresholds":
                 changes = msg.get("changes")
-                if not isinstance(changes, dict):
-                    return False
-                th = mon.set_thresholds(**changes)
-                self._send(conn, {"t": "reply", "id": rid, "value": attrs.asdict(th)})
-                return True
-        except (ValueError, TypeError, KeyError) as exc:
+                if not isinstance(changes, dict) or not all(isinstance(k, str) for k in changes):
+                    raise ValueError("set_thresholds needs a map of option names to values")
+                self._reply(conn, rid, attrs.asdict(mon.set_thresholds(**changes)))
+            else:
+                raise ValueError(f"unknown request {t[:40]!r}")
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+            self.counters.inc("request_errors")
             self._send(conn, {"t": "reply", "id": rid, "error": f"{type(exc).__name__}: {exc}"})
-            return True
-        return False
+
+    def _reply(self, conn: _Conn, rid: Any, value: Any) -> None:
+        self._send(conn, {"t": "reply", "id": rid, "value": value})
 
 
-_KNOWN = frozenset({"reserve", "select", "release", "overloaded", "why", "load_states", "health", "thresholds", "set_thresholds"})
+def _worker_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a worker id must be an integer, got {value!r}"[:200])
+    if not -(1 << 63) <= value < (1 << 64):
+        raise ValueError(f"worker id {value} is outside the 64-bit range")
+    return value
 
 
-def _pick_args(msg: Dict[str, Any]) -> Dict[str, Any]:
-    exclude = msg.get("exclude") or ()
-    if not isinstance(exclude, (list, tuple)) or not all(isinstance(x, int) for x in exclude):
-        raise ValueError("exclude must be a list of worker ids")
-    return {
-        "strategy": msg.get("strategy"),
-        "exclude": tuple(exclude),
-        "blocks": msg.get("blocks"),
-        "model": msg.get("model"),
-        "worker_type": msg.get("worker_type"),
-    }
+def _plain(st: Dict[str, Any]) -> Dict[str, Any]:
+    for k, v in list(st.items()):
+        if hasattr(v, "items"):
+            st[k] = dict(v)
+        elif isinstance(v, frozenset):
+            st[k] = sorted(v)
+    return st

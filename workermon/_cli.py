@@ -171,6 +171,16 @@ def _worker_id(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -239,13 +249,13 @@ def _stop_metrics(served: Any) -> None:
 
 
 def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
-    from ._agent import Agent, default_socket_path
+    from ._agent import Agent, AgentLimits, default_socket_path
 
     etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
     nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
     mon = _monitor_from_args(args)
     path = args.socket or default_socket_path()
-    agent = Agent(mon, path)
+    agent = Agent(mon, path, AgentLimits(args.max_workers, args.max_ranks, args.max_clients))
     try:
         agent.bind()
     except OSError as exc:
@@ -256,7 +266,11 @@ def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     # hold the GIL; a shorter switch interval (default 5 ms) lets the agent
     # thread answer within a fraction of a millisecond (measured: bench.host).
     sys.setswitchinterval(args.switch_interval)
-    served = _serve_metrics(args, mon)
+    try:
+        served = _serve_metrics(args, mon)
+    except BaseException:
+        agent.close()  # nothing of this agent stays behind: socket and shared memory go
+        raise
     mon.start()
     agent.start()
     try:
@@ -413,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--busy-threshold", type=_threshold, default=0.9, metavar="F",
                    help="busy when active KV blocks > F × total (default 0.9)")
     a.add_argument("--duration", type=_positive, default=None, metavar="S", help="exit after S seconds")
+    a.add_argument("--max-workers", type=_count, default=16384, metavar="N",
+                   help="workers the shared memory holds (default 16384)")
+    a.add_argument("--max-ranks", type=_count, default=65536, metavar="N",
+                   help="data-parallel rank slots the shared memory holds (default 65536)")
+    a.add_argument("--max-clients", type=_count, default=128, metavar="N",
+                   help="client processes served at once, one booking row each (default 128)")
     a.add_argument("--switch-interval", type=_positive, default=0.0002, metavar="S",
                    help="the agent process's GIL switch interval (default 0.0002 s; Python's is 0.005)")
     a.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")

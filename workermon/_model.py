@@ -25,6 +25,7 @@ __all__ = [
     "FeedStatus",
     "LoadReport",
     "Overloaded",
+    "PickState",
     "RankExplanation",
     "Thresholds",
     "WorkerLoadState",
@@ -284,6 +285,28 @@ class ChannelListing:
     channels: Tuple[ChannelPut, ...]
     revision: int
     malformed_keys: Tuple[str, ...] = ()
+
+
+@attrs.frozen
+class PickState:
+    """What picking needs of one worker, copied at one instant (the host agent publishes it).
+
+    ``ranks`` holds, for each declared rank from ``dp_start`` on (at most the
+    per-worker rank cap), ``(load, report_seq, busy)``: the higher of the two
+    KV signals (None: no data the rule uses), the number of reports applied to
+    the rank (bookings made before the newest one stop counting), and the
+    busy rule's verdict for the rank.
+    """
+
+    worker_id: int
+    admitted: bool
+    busy: bool
+    held: bool
+    total: Optional[int]
+    dp_start: int
+    display_name: Optional[str]
+    worker_type: Optional[str]
+    ranks: Tuple[Tuple[Optional[int], int, bool], ...]
 
 
 @attrs.frozen

@@ -45,6 +45,7 @@ from ._model import (
     Explanation,
     OutagePolicy,
     Overloaded,
+    PickState,
     StalePolicy,
     Thresholds,
     WorkerLoadState,
@@ -549,6 +550,43 @@ class WorkerMonitor(SnapshotReads):
             event.set()
             self._applied_cond.notify_all()
         self._notify_listeners()
+
+    # --- for integrations (the host agent): public, cheap, never blocking ---------------
+
+    def snapshot(self) -> "_Snapshot":
+        """The immutable snapshot readers use (``busy``, ``members``, ``free``, ``version``), one consistent triple."""
+        return self._snapshot
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (no arguments) whenever the snapshot or readiness changes.
+
+        It runs on the reducer (or a source) thread and must not block: poke
+        your own thread and read :meth:`snapshot` there.
+        """
+        self._snapshot_listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        try:
+            self._snapshot_listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def wait_pick_changes(self, timeout: Optional[float] = None) -> Dict[int, Optional[PickState]]:
+        """What picking needs of every worker whose state changed since the last call (None: it left).
+
+        The first call returns every worker.  Waits up to ``timeout`` seconds
+        for a change; ``{}`` at timeout or once stopped.  For one consumer
+        (the host agent's shared memory writer); any thread but a callback.
+        """
+        state = self._state
+        if state.track_dirty:
+            wait_on(self._applied_cond, lambda: state.has_dirty, timeout, self._stopping)
+        with self._lock:
+            first = not state.track_dirty
+            dirty = state.take_dirty()
+            if first:
+                dirty = set(state.workers)
+            return {wid: state.pick_state(wid) for wid in dirty}
 
     def _notify_listeners(self) -> None:
         for listener in self._snapshot_listeners:

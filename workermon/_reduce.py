@@ -27,6 +27,7 @@ from ._model import (
     FeedStatus,
     LoadReport,
     Overloaded,
+    PickState,
     RankExplanation,
     Thresholds,
     WorkerLoadState,
@@ -217,6 +218,10 @@ class FleetState:
         # Workers held busy by Reservation.overloaded(): worker -> until.
         self._holds: Dict[int, float] = {}
         self._pending_ranks = 0
+        # Workers whose picking state may have changed since take_dirty()
+        # (re-evaluated, carded, removed), for the host agent's shared memory.
+        self._dirty: Set[int] = set()
+        self.track_dirty = False
         self.counters = Counters()
         self.version = 0
         self.workers: Dict[int, _Worker] = {}
@@ -426,6 +431,37 @@ class FleetState:
 
     def load_states(self, now: float) -> Dict[int, WorkerLoadState]:
         return {wid: self.load_state(wid, now) for wid in self.workers}
+
+    @property
+    def has_dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def take_dirty(self) -> Set[int]:
+        """The workers whose picking state may have changed since the last call (turns tracking on)."""
+        self.track_dirty = True
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def pick_state(self, worker_id: int) -> Optional[PickState]:
+        """What picking needs of one worker, or None when it has no card."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return None
+        card = w.card
+        th = self.thresholds
+        ranks: List[Tuple[Optional[int], int, bool]] = []
+        start = card.data_parallel_start_rank
+        for rank_id in range(start, start + min(card.data_parallel_size, self.limits.max_ranks_per_worker)):
+            r = w.ranks.get(rank_id)
+            if r is None:
+                ranks.append((None, 0, False))
+                continue
+            load: Optional[int] = None
+            if not r.stale and (r.kv is not None or r.decode is not None):
+                load = max(r.kv if r.kv is not None else 0, r.decode if r.decode is not None else 0)
+            ranks.append((load, r.seq, rank_verdict(r, card, th)[0] is True))
+        return PickState(worker_id, w.admitted, w.busy, w.hold_until is not None, card.total_kv_blocks, start,
+                         card.display_name, card.worker_type, tuple(ranks))
 
     @property
     def pending_workers(self) -> int:
@@ -647,7 +683,7 @@ class FleetState:
                     r.kv_over = r.decode_over = False
         if (old.metrics_ttl, old.stale_policy) != (thresholds.metrics_ttl, thresholds.stale_policy):
             self._restale(now)
-        self._evaluate_all()
+        self._evaluate_all()  # (every worker is then dirty for the agent: the verdicts may all differ)
 
     def _restale(self, now: float) -> None:
         """Re-derive every rank's staleness (and the TTL heap) under the current rule.
@@ -843,6 +879,8 @@ class FleetState:
             del self._holds[wid]
         del self.workers[wid]
         self._membership_changed = True
+        if self.track_dirty:
+            self._dirty.add(wid)
         self.counters.inc("workers_removed")
         if wid in self._busy:
             self._busy.discard(wid)
@@ -861,6 +899,8 @@ class FleetState:
         return verdict
 
     def _evaluate(self, wid: int, w: _Worker) -> None:
+        if self.track_dirty:
+            self._dirty.add(wid)
         if not w.admitted:
             # Not a member while the frontend would refuse it: never busy
             # (the busy set holds members only).  Its rank memory waits.

@@ -3,28 +3,32 @@
 One thread per process (``workermon-shared``) holds the connection to
 ``workermon agent``: it applies the state the agent pushes (busy set,
 membership, version, readiness) to an immutable local snapshot that every read
-uses without a lock, and fires ``on_busy_change`` callbacks from the
-differences.  No load report ever reaches this process.
+uses without a lock, fires ``on_busy_change`` callbacks from the differences,
+and maps the agent's shared memory.  No load report ever reaches this process.
 
-Requests (``reserve()``, ``select()``, ``why()``, ``health()``…) go to the agent
-and wait at most ``timeout`` seconds (``reserve``/``select``: 50 ms by default)
-on the calling thread.  When the agent is gone, or does not answer in time:
+``reserve()``, ``select()`` and ``release()`` never wait on another process:
+they pick from the shared memory (:class:`~workermon._picker.SharedPicker`) and
+book in this process's own row there, so bookings are host-wide at once.
+The socket carries only what is rare — ``why()``, ``load_states()``,
+``health()``, ``set_thresholds()`` (waiting at most ``request_timeout``), and a
+529's ``overloaded()`` (sent without waiting).  Nothing on a request thread
+blocks on the agent: sends go through a bounded outbox the connection thread
+flushes.
 
-- reads keep serving the last state (``health()`` and ``wait_ready()`` say the
-  agent is gone);
-- ``reserve()`` / ``select()`` pick locally: p2c over the last known free set,
-  by reservations this process holds (local credit), so picking goes on;
-- ``why()``, ``load_states()``, ``set_thresholds()`` raise ``AgentUnavailable``.
-
-The connection is re-established with capped, jittered back-off; callbacks then
-resume with the current state.
+When the agent is gone, hung or restarting: reads keep serving the last state;
+``ready`` and ``wait_ready()`` turn False (a hung agent within ``hung_after``
+seconds); picking goes on over the last state the agent published, booking in
+this process only; requests raise ``AgentUnavailable``.  The connection is
+re-established with capped, jittered back-off.  Bookings belong to one
+connection: after a reconnect an old reservation's ``release()`` frees nothing
+of the new one's, and ``version`` never goes backwards across agent restarts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
+import selectors
 import socket as sockets
 import threading
 import time
@@ -32,27 +36,30 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import attrs
 
-from ._agent import FrameError, FrameReader, default_socket_path, encode_frame
 from ._health import Backoff, Health, SourceHealth
 from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, SnapshotReads, _live_monitors, _Snapshot, wait_on
-from ._picker import Reservation, check_strategy
+from ._picker import Reservation, SharedPicker, check_blocks, check_strategy
+from ._protocol import (
+    MAX_REPLY,
+    FrameError,
+    FrameReader,
+    check_socket_file,
+    default_socket_path,
+    encode_frame,
+    peer_uid,
+)
+from ._shm import SharedFleet
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AgentUnavailable", "SharedMonitor"]
 
+_MAX_OUTBOX = 1 << 20  # bytes waiting for the agent; past it a message is dropped (counted), never waited for
+
+
 class AgentUnavailable(RuntimeError):
     """The host agent is not connected, or did not answer within the bound."""
-
-
-class _RemoteBooking:
-    __slots__ = ("token", "live", "wid")
-
-    def __init__(self, token: Optional[int], wid: int) -> None:
-        self.token = token
-        self.live = True
-        self.wid = wid
 
 
 class SharedMonitor(SnapshotReads):
@@ -61,18 +68,34 @@ class SharedMonitor(SnapshotReads):
     Create it after fork (gunicorn ``post_fork``), like ``WorkerMonitor``.
     ``socket``: the agent's socket (default ``$WORKERMON_AGENT_SOCKET``, else
     a per-user runtime path: see ``workermon agent --help``).
+    ``strategy`` and ``reservation_ttl``: as for ``WorkerMonitor``.
+    ``hung_after``: seconds without any frame from the agent (it is pinged
+    every second) after which ``ready`` turns False.  ``timeout`` is
+    accepted for compatibility: no request thread waits on the agent any more.
     """
 
     def __init__(self, socket: Optional[str] = None, *, timeout: float = 0.05, request_timeout: float = 1.0,
-                 backoff_initial: float = 0.05, backoff_cap: float = 1.0) -> None:
+                 backoff_initial: float = 0.05, backoff_cap: float = 1.0, strategy: str = "p2c",
+                 reservation_ttl: float = 300.0, overload_hold: float = 1.0, hung_after: float = 2.0) -> None:
+        if not 0 < hung_after < float("inf"):
+            raise ValueError(f"hung_after must be a number of seconds > 0, got {hung_after!r}")
+        if not 0 <= overload_hold < float("inf"):
+            raise ValueError(f"overload_hold must be a number of seconds >= 0, got {overload_hold!r}")
         self.socket_path = socket or default_socket_path()
         self.timeout = timeout
         self.request_timeout = request_timeout
+        self.hung_after = hung_after
+        self.overload_hold = float(overload_hold)
         self._backoff = (backoff_initial, backoff_cap)
+        self._picker = SharedPicker(strategy, reservation_ttl, overloaded=self.overloaded)
         self._snapshot = _Snapshot(frozenset(), frozenset(), 0)
         self._agent_ready = False
         self._had_ready_state = False
+        self._had_state = False
         self._connected = False
+        self._hung = False
+        self._epoch: Optional[int] = None
+        self._version_base = 0
         self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._lifecycle = threading.Lock()
@@ -81,15 +104,18 @@ class SharedMonitor(SnapshotReads):
         self._thread: Optional[threading.Thread] = None
         self._sock: Optional[sockets.socket] = None
         self._send_lock = threading.Lock()
+        self._outbox = bytearray()
+        self._wake_r, self._wake_w = sockets.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._waiting: Dict[int, List[Any]] = {}  # request id -> [event, reply]
         self._ids = 0
         self._callbacks: Tuple[CallbackHandle, ...] = ()
         self._pending_initial: List[CallbackHandle] = []
-        self._local_inflight: Dict[int, int] = {}
-        # Workers this process saw answer 529, for its fallback picks: worker -> until.
+        # Workers this process saw answer 529: worker -> until (the agent's hold reaches the
+        # shared memory a few ms later; this process leaves them out from the first moment).
         self._local_holds: Dict[int, float] = {}
-        self.overload_hold = 1.0
-        self._rng = random.Random()
+        self._fleets: List[SharedFleet] = []
         self.counters: Dict[str, int] = {}
         self.last_error: Optional[str] = None
         self._last_state_at: Optional[float] = None
@@ -112,17 +138,13 @@ class SharedMonitor(SnapshotReads):
         return self
 
     def stop(self, timeout: float = 5.0) -> bool:
+        """Close the connection and join the thread, within ``timeout`` whatever the agent does."""
         with self._lifecycle:
             self._stopped = True
             self._stopping.set()
         if self._forked_from is not None:
             return True
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(sockets.SHUT_RDWR)
-            except OSError:
-                pass
+        self._poke()
         with self._cond:
             self._cond.notify_all()
         thread = self._thread
@@ -139,7 +161,8 @@ class SharedMonitor(SnapshotReads):
 
     @property
     def ready(self) -> bool:
-        return self._connected and self._agent_ready and not self._stopping.is_set()
+        """Connected to an agent that answers and whose monitor is ready."""
+        return self._connected and self._agent_ready and not self._hung and not self._stopping.is_set()
 
     def wait_ready(self, timeout: Optional[float] = 5.0) -> bool:
         """True once connected to an agent whose monitor is ready; False at timeout, or once stopped."""
@@ -152,117 +175,75 @@ class SharedMonitor(SnapshotReads):
     def _wait(self, predicate: Callable[[], bool], timeout: Optional[float], stop_value: Optional[bool] = None) -> bool:
         return wait_on(self._cond, predicate, timeout, self._stopping, stop_value)
 
-    # --- picking ------------------------------------------------------------------------
+    # --- picking: in this process, from the shared memory ------------------------------
 
     def reserve(self, *, strategy: Optional[str] = None, exclude: Collection[int] = (), blocks: Optional[int] = None,
                 model: Optional[str] = None, worker_type: Optional[str] = None) -> Optional[Reservation]:
-        """As :meth:`WorkerMonitor.reserve`, host-wide (the agent books); local fallback when it is gone."""
+        """As :meth:`WorkerMonitor.reserve`, host-wide; never waits on the agent.  Any thread."""
         if self._forked_from is not None:
             self._check_fork()
-        if strategy is not None:
-            check_strategy(strategy)
-        reply = self._ask({"t": "reserve", "strategy": strategy, "exclude": list(exclude), "blocks": blocks,
-                           "model": model, "worker_type": worker_type}, self.timeout)
-        if reply is None:
-            reservation: Optional[Reservation] = self._local_pick(exclude, book=True)
-            return reservation
-        if "error" in reply:
-            raise ValueError(reply["error"])
-        if reply["worker_id"] is None:
-            self._count("rejected")
-            return None
-        booking = _RemoteBooking(reply["token"], reply["worker_id"])
-        reason = str(reply.get("reason", ""))
-        return Reservation(reply["worker_id"], reply.get("dp_rank", 0), lambda: reason, blocks or 1,
-                           self._release, booking, self.overloaded)
+        chosen = self._picker.pick(self._snapshot.free_order, book=True, strategy=strategy,
+                                   exclude=self._excluded(exclude), blocks=blocks, model=model,
+                                   worker_type=worker_type)
+        return None if chosen is None else chosen[3]
 
     def select(self, *, strategy: Optional[str] = None, exclude: Collection[int] = (), blocks: Optional[int] = None,
                model: Optional[str] = None, worker_type: Optional[str] = None) -> Optional[int]:
+        """As :meth:`WorkerMonitor.select`; never waits on the agent.  Any thread."""
         if self._forked_from is not None:
             self._check_fork()
-        if strategy is not None:
-            check_strategy(strategy)
-        reply = self._ask({"t": "select", "strategy": strategy, "exclude": list(exclude), "blocks": blocks,
-                           "model": model, "worker_type": worker_type}, self.timeout)
-        if reply is None:
-            wid: Optional[int] = self._local_pick(exclude, book=False)
-            return wid
-        if "error" in reply:
-            raise ValueError(reply["error"])
-        return reply["worker_id"]  # type: ignore[no-any-return]
+        chosen = self._picker.pick(self._snapshot.free_order, book=False, strategy=strategy,
+                                   exclude=self._excluded(exclude), blocks=blocks, model=model,
+                                   worker_type=worker_type)
+        return None if chosen is None else chosen[0]
 
-    def _local_pick(self, exclude: Collection[int], book: bool) -> Any:
-        # The agent is gone or slow: p2c over the last known free set by the
-        # reservations this process holds (local credit), so routing goes on.
-        self._count("local_picks")
-        excluded = set(exclude)
-        if self._local_holds:
-            now = time.monotonic()
-            for wid, until in list(self._local_holds.items()):
-                if until <= now:
-                    self._local_holds.pop(wid, None)
-            excluded.update(self._local_holds)
-        free = [w for w in self._snapshot.free_order if w not in excluded]
-        if not free:
-            self._count("rejected")
-            return None
-        a, b = (self._rng.choice(free), self._rng.choice(free))
-        wid = a if self._local_inflight.get(a, 0) <= self._local_inflight.get(b, 0) else b
-        if not book:
-            return wid
-        self._local_inflight[wid] = self._local_inflight.get(wid, 0) + 1
-        booking = _RemoteBooking(None, wid)
-        return Reservation(wid, 0, lambda: f"local p2c (agent unavailable): {wid:x} by in-flight count", 1,
-                           self._release, booking, self.overloaded)
+    def _excluded(self, exclude: Collection[int]) -> Collection[int]:
+        if not self._local_holds:
+            return exclude
+        now = time.monotonic()
+        for wid, until in list(self._local_holds.items()):
+            if until <= now:
+                self._local_holds.pop(wid, None)
+        return set(exclude) | set(self._local_holds)
 
     def overloaded(self, worker_id: int) -> None:
         """The frontend answered 529 for a request on ``worker_id``: as :meth:`WorkerMonitor.overloaded`.
 
-        The agent holds it busy host-wide; this process also leaves it out of
-        its own fallback picks for ``overload_hold`` (1 s).  Never blocks; any thread.
+        The agent holds it busy host-wide; this process leaves it out of its
+        picks at once, for ``overload_hold`` seconds.  Never blocks; any thread.
         """
+        worker_id = _check_id(worker_id)
         if worker_id < 0:
             worker_id += 1 << 64
-        self._local_holds[worker_id] = time.monotonic() + self.overload_hold
+        if self.overload_hold > 0:
+            self._local_holds[worker_id] = time.monotonic() + self.overload_hold
         self._send({"t": "overloaded", "worker_id": worker_id})
-
-    def _release(self, booking: _RemoteBooking) -> None:
-        if not booking.live:
-            return
-        booking.live = False
-        if booking.token is None:
-            n = self._local_inflight.get(booking.wid, 0) - 1
-            if n > 0:
-                self._local_inflight[booking.wid] = n
-            else:
-                self._local_inflight.pop(booking.wid, None)
-            return
-        self._send({"t": "release", "token": booking.token})  # the agent also releases on disconnect
 
     # --- requests answered by the agent ---------------------------------------------------
 
-    def why(self, worker_id: int) -> Explanation:
-        value = self._require({"t": "why", "worker_id": worker_id})
+    def why(self, worker_id: int, *, blocks: Optional[int] = None) -> Explanation:
+        """As :meth:`WorkerMonitor.why`, as the agent sees it.  Any thread."""
+        worker_id = _check_id(worker_id)
+        if blocks is not None:
+            check_blocks(blocks)
+        value = self._require({"t": "why", "worker_id": worker_id, "blocks": blocks})
         value["ranks"] = tuple(RankExplanation(**r) for r in value["ranks"])
         value["thresholds"] = Thresholds(**value["thresholds"])
         return Explanation(**value)
 
     def load_states(self) -> Dict[int, WorkerLoadState]:
+        """Every member's state from the agent (a few MB at 10,000 workers).  Any thread."""
         value = self._require({"t": "load_states"})
         return {int(wid): _load_state(st) for wid, st in value.items()}
 
     def load_state(self, worker_id: int) -> Optional[WorkerLoadState]:
-        if worker_id < 0:
-            worker_id += 1 << 64
-        return self.load_states().get(worker_id)
+        """One worker's state from the agent, or None.  Any thread."""
+        value = self._require({"t": "load_state", "worker_id": _check_id(worker_id)})
+        return None if value is None else _load_state(value)
 
     def set_thresholds(self, **changes: Any) -> Thresholds:
-        reply = self._ask({"t": "set_thresholds", "changes": changes}, self.request_timeout)
-        if reply is None:
-            raise AgentUnavailable(f"the workermon agent at {self.socket_path} is not available")
-        if "error" in reply:
-            raise ValueError(reply["error"])
-        return Thresholds(**reply["value"])
+        """Change the agent's rule for every process of the host.  Any thread."""
+        return Thresholds(**self._require({"t": "set_thresholds", "changes": changes}))
 
     @property
     def thresholds(self) -> Thresholds:
@@ -270,41 +251,45 @@ class SharedMonitor(SnapshotReads):
         return Thresholds(**self._require({"t": "thresholds"}))
 
     def health(self) -> Health:
-        """The agent's monitor's health, with a ``shared`` source for this connection.
+        """The agent's monitor's health, with this process's picker and connection counters.
 
-        When the agent is gone: ``alive``/``ready`` False and the ``shared``
-        source ``reconnecting`` (answered locally, at once).
+        When the agent is gone or hung: ``alive``/``ready`` False, answered
+        locally within ``request_timeout``.  Any thread.
         """
-        shared = SourceHealth("shared", "connected" if self._connected else "reconnecting",
-                              None if self._last_state_at is None else max(0.0, time.monotonic() - self._last_state_at),
-                              dict(self.counters), self.last_error, self.socket_path)
+        picker = {**dict(self._picker.counters), "in_flight": self._picker.in_flight()}
         reply = self._ask({"t": "health"}, self.request_timeout) if self._connected else None
         if reply is None or "value" not in reply:
-            idle = SourceHealth("agent", "reconnecting", None, {}, "the workermon agent is not connected")
+            idle = SourceHealth("agent", "reconnecting", None, dict(self.counters),
+                                self.last_error or "the workermon agent is not connected")
             return Health(etcd=idle, nats=idle, reducer={}, members=len(self._snapshot.members),
                           busy=len(self._snapshot.busy), ready=False, alive=False, zmq=idle,
-                          required=("etcd",), picker={"local_picks": self.counters.get("local_picks", 0)})
+                          required=("etcd",), picker=picker)
         v = reply["value"]
         for name in ("etcd", "nats", "zmq"):
             v[name] = SourceHealth(**v[name])
         v["required"] = tuple(v["required"])
         v["ready"] = v["ready"] and self.ready
-        v["alive"] = v["alive"] and self._connected
-        v["picker"] = {**v["picker"], "local_picks": self.counters.get("local_picks", 0)}
+        v["alive"] = v["alive"] and self._connected and not self._hung
+        v["picker"] = picker
         h = Health(**v)
-        return attrs.evolve(h, reducer={**h.reducer, **{f"shared_{k}": n for k, n in shared.counters.items()}})
+        return attrs.evolve(h, reducer={**h.reducer, **{f"shared_{k}": n for k, n in self.counters.items()}})
 
     def on_busy_change(self, callback: Callable[[BusyChange], Any]) -> CallbackHandle:
-        """As :meth:`WorkerMonitor.on_busy_change`; callbacks run on ``workermon-shared``, one at a time."""
+        """As :meth:`WorkerMonitor.on_busy_change`; callbacks run on ``workermon-shared``, one at a time.
+
+        Registered after :meth:`start`, it is first called with the current
+        state at once (when this process has one: else as soon as the agent's
+        first state arrives).
+        """
         if not callable(callback):
             raise TypeError("callback must be callable")
         self._check_fork()
         handle = CallbackHandle(callback, self)  # type: ignore[arg-type]
         with self._cond:
             self._callbacks = self._callbacks + (handle,)
-            if self._started and not self._stopped and self._connected:
+            if self._started and not self._stopped:
                 self._pending_initial.append(handle)
-                self._poke_self()
+        self._poke()
         return handle
 
     def _unregister(self, handle: CallbackHandle) -> None:
@@ -315,73 +300,155 @@ class SharedMonitor(SnapshotReads):
 
     def _run(self) -> None:
         backoff = Backoff(self._stopping, *self._backoff)
-        while not self._stopping.is_set():
-            try:
-                sock = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                self._note_error(f"cannot connect to {self.socket_path}: {exc}")
-                sock.close()
-                if backoff.wait():
-                    break
-                continue
+        try:
+            while not self._stopping.is_set():
+                sock = self._connect()
+                if sock is not None:
+                    backoff.reset()
+                    try:
+                        self._read_loop(sock)
+                    except Exception as exc:  # noqa: BLE001 - reconnect after anything
+                        if not self._stopping.is_set():
+                            self._note_error(f"connection to the agent failed: {exc}")
+                    finally:
+                        self._disconnected(sock)
+                    if self._stopping.is_set():
+                        break
+                    self._count("disconnects")
+                # Callbacks registered while the agent is away still get the last state.
+                self._deliver_initial()
+                backoff.wait()
+        finally:
+            self._picker.detach()
+            self._wake_r.close()
+            self._wake_w.close()
+            for fleet in self._fleets:
+                fleet.close()
+
+    def _connect(self) -> Optional[sockets.socket]:
+        sock = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        try:
+            check_socket_file(self.socket_path)
+            sock.settimeout(1.0)
+            sock.connect(self.socket_path)
+            uid = peer_uid(sock)
+            if uid is not None and uid != os.getuid():
+                raise PermissionError(f"the process serving {self.socket_path} runs as uid {uid}, not as this "
+                                      f"user ({os.getuid()}): refusing it")
+        except (OSError, ValueError) as exc:
+            sock.close()
+            self._note_error(f"cannot connect to {self.socket_path}: {exc}")
+            return None
+        sock.setblocking(False)
+        with self._send_lock:
             self._sock = sock
-            self._connected = True
-            self._count("connects")
-            backoff.reset()
-            try:
-                self._read_loop(sock)
-            except Exception as exc:  # noqa: BLE001 - reconnect after anything
-                if not self._stopping.is_set():
-                    self._note_error(f"connection to the agent failed: {exc}")
-            finally:
-                self._connected = False
-                self._agent_ready = False
-                self._sock = None
-                sock.close()
-                self._fail_waiters()
-                with self._cond:
-                    self._cond.notify_all()
-            if not self._stopping.is_set():
-                self._count("disconnects")
-                if backoff.wait():
-                    break
+            self._outbox.clear()
+        self._connected = True
+        self._hung = False
+        self._count("connects")
+        return sock
+
+    def _disconnected(self, sock: sockets.socket) -> None:
+        self._picker.detach()
+        with self._send_lock:
+            self._sock = None
+            self._outbox.clear()
+        self._connected = False
+        self._agent_ready = False
+        sock.close()
+        self._fail_waiters()
+        with self._cond:
+            self._cond.notify_all()
 
     def _read_loop(self, sock: sockets.socket) -> None:
-        reader = FrameReader()
-        while not self._stopping.is_set():
-            data = sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError("the agent closed the connection")
-            try:
-                msgs = reader.feed(data)
-            except FrameError as exc:
-                self._count("malformed")
-                raise ConnectionError(f"malformed bytes from the agent: {exc}") from None
-            for msg in msgs:
-                t = msg.get("t")
-                if t == "state":
-                    self._apply_state(msg)
-                elif t == "reply":
-                    slot = self._waiting.pop(msg.get("id"), None)  # type: ignore[arg-type]
-                    if slot is not None:
-                        slot[1] = msg
-                        slot[0].set()
-                elif t == "refused":
-                    self._note_error(str(msg.get("error")))
-                    raise ConnectionError(str(msg.get("error")))
-                elif t == "poke":
-                    pass
-                else:
-                    self._count("malformed")
-                    raise ConnectionError(f"unknown frame {t!r} from the agent")
-            self._deliver_initial()
+        reader = FrameReader(MAX_REPLY)
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ, "sock")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        last_rx = last_ping = time.monotonic()
+        writing = False
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select(0.25):
+                    if key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                        continue
+                    try:
+                        data = sock.recv(1 << 16)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    if not data:
+                        raise ConnectionError("the agent closed the connection")
+                    last_rx = time.monotonic()
+                    if self._hung:
+                        self._hung = False
+                        with self._cond:
+                            self._cond.notify_all()
+                    try:
+                        msgs = reader.feed(data)
+                    except FrameError as exc:
+                        self._count("malformed")
+                        raise ConnectionError(f"malformed bytes from the agent: {exc}") from None
+                    for msg in msgs:
+                        self._on_frame(msg)
+                now = time.monotonic()
+                if now - last_ping >= 1.0:
+                    last_ping = now
+                    self._send({"t": "ping"})
+                if now - last_rx > self.hung_after and not self._hung:
+                    self._hung = True  # it does not answer our pings: not ready, picking goes on
+                    self._count("hung")
+                    self._note_error(f"the agent at {self.socket_path} has not answered for {self.hung_after:g} s")
+                    with self._cond:
+                        self._cond.notify_all()
+                writing = self._flush(sock, sel, writing)
+                self._deliver_initial()
+        finally:
+            sel.close()
+
+    def _on_frame(self, msg: Dict[str, Any]) -> None:
+        t = msg.get("t")
+        if t == "state":
+            self._apply_state(msg)
+        elif t == "reply":
+            slot = self._waiting.pop(msg.get("id"), None)  # type: ignore[arg-type]
+            if slot is not None:
+                slot[1] = msg
+                slot[0].set()
+        elif t == "hello":
+            self._hello(msg)
+        elif t == "pong":
+            pass
+        elif t == "refused":
+            raise PermissionError(str(msg.get("error"))[:300])
+        else:
+            self._count("malformed")
+            raise ConnectionError(f"unknown frame {str(t)[:40]!r} from the agent")
+
+    def _hello(self, msg: Dict[str, Any]) -> None:
+        try:
+            path, epoch, row = str(msg["shm"]), int(msg["epoch"]), int(msg["row"])
+        except (KeyError, TypeError, ValueError):
+            raise ConnectionError("malformed hello from the agent") from None
+        if epoch != self._epoch:
+            fleet = SharedFleet.open(path, expect_epoch=epoch)  # checks owner and mode
+            self._fleets.append(fleet)
+            if self._epoch is not None:
+                # A new agent lifetime: its versions start again at 0; ours never go backwards.
+                self._version_base = self._snapshot.version
+                self._count("agent_restarts")
+            self._epoch = epoch
+        self._picker.attach(self._fleets[-1], row)
 
     def _apply_state(self, msg: Dict[str, Any]) -> None:
         try:
             busy = frozenset(int(w) for w in msg["busy"])
             members = frozenset(int(w) for w in msg["members"])
-            version = int(msg["version"])
+            version = self._version_base + int(msg["version"])
         except (KeyError, TypeError, ValueError):
             self._count("malformed")
             raise ConnectionError("malformed state from the agent") from None
@@ -396,7 +463,9 @@ class SharedMonitor(SnapshotReads):
         # A callback registered since the last state first gets that state, then this change.
         self._deliver_initial()
         old = self._snapshot
+        version = max(version, old.version)
         self._snapshot = _Snapshot(busy, members, version)
+        self._had_state = True
         self._last_state_at = time.monotonic()
         self._agent_ready = bool(msg.get("ready"))
         self.last_error = None
@@ -416,6 +485,8 @@ class SharedMonitor(SnapshotReads):
                         log.exception("workermon callback %r raised; the others still run", handle)
 
     def _deliver_initial(self) -> None:
+        if not self._had_state:
+            return
         with self._cond:
             pending, self._pending_initial = self._pending_initial, []
         snap = self._snapshot
@@ -427,27 +498,51 @@ class SharedMonitor(SnapshotReads):
                     self._count("callback_errors")
                     log.exception("workermon callback %r raised", handle)
 
-    def _poke_self(self) -> None:
-        # Initial callbacks run on the connection thread: ask the agent for
-        # something cheap so the read loop wakes (a release of no token).
-        self._send({"t": "release", "token": None})
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed after the thread ended
 
-    # --- sending --------------------------------------------------------------------------
+    # --- sending: never blocking a request thread -------------------------------------------
 
     def _send(self, msg: Dict[str, Any]) -> bool:
-        sock = self._sock
-        if sock is None:
-            return False
         frame = encode_frame(msg)
-        try:
-            with self._send_lock:
-                sock.sendall(frame)
-            return True
-        except OSError:
-            return False
+        with self._send_lock:
+            sock = self._sock
+            if sock is None:
+                return False
+            if len(self._outbox) + len(frame) > _MAX_OUTBOX:
+                self._count("send_dropped")
+                return False
+            self._outbox += frame
+            try:
+                n = sock.send(self._outbox)
+                del self._outbox[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return False
+            pending = bool(self._outbox)
+        if pending:
+            self._poke()  # the connection thread flushes the rest when the socket has room
+        return True
+
+    def _flush(self, sock: sockets.socket, sel: selectors.BaseSelector, writing: bool) -> bool:
+        with self._send_lock:
+            if self._outbox:
+                try:
+                    n = sock.send(self._outbox)
+                    del self._outbox[:n]
+                except (BlockingIOError, InterruptedError):
+                    pass
+            want = bool(self._outbox)
+        if want != writing:
+            sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), "sock")
+        return want
 
     def _ask(self, msg: Dict[str, Any], timeout: float) -> Optional[Dict[str, Any]]:
-        if not self._connected:
+        if not self._connected or self._hung:
             return None
         with self._send_lock:
             self._ids += 1
@@ -468,7 +563,7 @@ class SharedMonitor(SnapshotReads):
         reply = self._ask(msg, self.request_timeout)
         if reply is None:
             raise AgentUnavailable(f"the workermon agent at {self.socket_path} did not answer within "
-                                   f"{self.request_timeout:g} s")
+                                   f"{self.request_timeout:g} s ({self.last_error or 'not connected'})")
         if "error" in reply:
             raise ValueError(reply["error"])
         return reply[key]
@@ -498,6 +593,14 @@ class SharedMonitor(SnapshotReads):
         state = "connected" if self._connected else "disconnected"
         return (f"<SharedMonitor {state} {self.socket_path} members={len(self._snapshot.members)} "
                 f"busy={len(self._snapshot.busy)} version={self._snapshot.version}>")
+
+
+def _check_id(worker_id: Any) -> int:
+    if isinstance(worker_id, bool) or not isinstance(worker_id, int):
+        raise TypeError(f"worker_id must be an int, got {worker_id!r}"[:200])
+    if not -(1 << 63) <= worker_id < (1 << 64):
+        raise ValueError(f"worker id {worker_id} is outside the 64-bit range")
+    return worker_id
 
 
 def _load_state(st: Dict[str, Any]) -> WorkerLoadState:
