@@ -75,12 +75,16 @@ class _Conn:
 class _ShmWriter(threading.Thread):
     """``workermon-agent-shm``: copies each changed worker's picking state into shared memory."""
 
-    def __init__(self, monitor: Any, fleet: SharedFleet, counters: Counters) -> None:
+    def __init__(self, monitor: Any, fleet: SharedFleet, counters: Counters, on_primed: Any) -> None:
         super().__init__(name="workermon-agent-shm", daemon=True)
         self.monitor = monitor
         self.fleet = fleet
         self.counters = counters
         self.stopping = threading.Event()
+        # Set once a write pass that began with the monitor ready is done: from then on the
+        # shared memory holds the fleet the clients are told about (the agent says ready).
+        self.primed = threading.Event()
+        self._on_primed = on_primed
         self._slots: Dict[int, int] = {}  # worker id -> slot
         self._runs: Dict[int, Tuple[int, int]] = {}  # worker id -> (first rank slot, rank count)
         self._free_slots: List[int] = []
@@ -94,11 +98,26 @@ class _ShmWriter(threading.Thread):
     def ranks_used(self) -> int:
         return self._next_rank
 
+    def booked(self, wid: int, rank: int, procs_used: int) -> int:
+        """Blocks the clients booked on a worker's rank since its last report (any thread)."""
+        run = self._runs.get(wid)
+        slot = self._slots.get(wid)
+        if run is None or slot is None:
+            return 0
+        row = self.fleet.read_slot(slot)
+        if row is None or row[1] != wid:
+            return 0
+        i = rank - row[3]
+        if not 0 <= i < run[1]:
+            return 0
+        return self.fleet.booked(run[0] + i, self.fleet.rank_seq(run[0] + i), procs_used)
+
     def run(self) -> None:
         mon = self.monitor
         try:
             while not self.stopping.is_set():
-                changes = mon.wait_pick_changes(timeout=0.5)
+                ready_before = mon.ready
+                changes = mon.wait_pick_changes(timeout=0.0 if ready_before and not self.primed.is_set() else 0.5)
                 threshold = mon.thresholds.busy_threshold
                 moved = threshold != self._threshold
                 self._threshold = threshold
@@ -109,6 +128,9 @@ class _ShmWriter(threading.Thread):
                     self.fleet.set_layout(self._layout_seq, self._next_slot, threshold)
                 if changes:
                     self.counters.inc("shm_writes", len(changes))
+                if ready_before and not self.primed.is_set():
+                    self.primed.set()
+                    self._on_primed()
         except Exception:  # noqa: BLE001 - logged; clients then see a frozen state and say so via ready
             self.counters.inc("errors")
             log.exception("workermon agent: the shared-memory writer failed")
@@ -285,9 +307,11 @@ class Agent(threading.Thread):
         sel = self._sel
         sel.register(self._listener, selectors.EVENT_READ, "accept")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._writer = _ShmWriter(self.monitor, self._fleet, self.counters)
-        self._writer.start()
+        self._writer = writer = _ShmWriter(self.monitor, self._fleet, self.counters, self._poke)
+        writer.start()
         self.monitor.add_listener(self._poke)
+        # why() (and the agent monitor's own picks) count every client's bookings.
+        self.monitor.count_bookings_from(lambda wid, rank: writer.booked(wid, rank, self._next_row))
         try:
             while not self._stopping.is_set():
                 timeout = None
@@ -308,6 +332,7 @@ class Agent(threading.Thread):
                 self._broadcast_if_changed()
         finally:
             self.monitor.remove_listener(self._poke)
+            self.monitor.count_bookings_from(None)
             self._writer.stopping.set()
             self._writer.join(5)
             for conn in list(self._conns.values()):
@@ -428,11 +453,15 @@ class Agent(threading.Thread):
         mon = self.monitor
         snap = mon.snapshot()
         return {"t": "state", "version": snap.version, "busy": sorted(snap.busy), "members": sorted(snap.members),
-                "ready": mon.ready}
+                "ready": self._ready()}
+
+    def _ready(self) -> bool:
+        writer = self._writer
+        return bool(self.monitor.ready) and writer is not None and writer.primed.is_set()
 
     def _broadcast_if_changed(self) -> None:
         mon = self.monitor
-        key = (mon.snapshot(), mon.ready)
+        key = (mon.snapshot(), self._ready())
         if key == self._sent:
             return
         self._sent = key

@@ -571,6 +571,15 @@ class WorkerMonitor(SnapshotReads):
         except ValueError:
             pass
 
+    def count_bookings_from(self, booked: Optional[Callable[[int, int], int]]) -> None:
+        """Count bookings made elsewhere: ``booked(worker_id, dp_rank)`` → blocks booked on that rank
+        since its last report (the host agent passes its clients' shared-memory bookings).
+
+        ``why()``, ``reserve()`` and ``select()`` then add them; None stops it.
+        Called on any thread that picks or explains: it must be cheap and never block.
+        """
+        self._picker.external = booked
+
     def wait_pick_changes(self, timeout: Optional[float] = None) -> Dict[int, Optional[PickState]]:
         """What picking needs of every worker whose state changed since the last call (None: it left).
 
@@ -669,6 +678,12 @@ class WorkerMonitor(SnapshotReads):
         chosen = self._picker.pick(book=True, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
                                    worker_type=worker_type)
         return None if chosen is None else chosen[3]
+
+    def in_flight(self, worker_id: int) -> int:
+        """Reservations held on ``worker_id`` now (expired ones dropped first).  Any thread."""
+        if worker_id < 0:
+            worker_id += 1 << 64
+        return self._picker.in_flight(worker_id)
 
     def why(self, worker_id: int, *, blocks: Optional[int] = None) -> Explanation:
         """Why ``worker_id`` is (or is not) busy right now: each rank's values, the rule and threshold

@@ -143,6 +143,8 @@ class Picker:
         self._bookings: "OrderedDict[int, _Booking]" = OrderedDict()
         self._tokens = itertools.count(1)
         self._overloaded = overloaded
+        # Bookings made elsewhere (the host agent's client processes): (worker, rank) -> blocks.
+        self.external: Optional[Callable[[int, int], int]] = None
         self._rr = 0
         self._rng = random.Random()
         self.counters = Counters()
@@ -160,7 +162,9 @@ class Picker:
         r = w.ranks.get(rank) if w is not None else None
         seq = r.seq if r is not None else 0
         acc = self._credit.get((wid, rank))
-        return acc[1] if acc is not None and acc[0] == seq else 0
+        mine = acc[1] if acc is not None and acc[0] == seq else 0
+        external = self.external
+        return mine if external is None else mine + external(wid, rank)
 
     def totals(self) -> Tuple[int, int]:
         """(bookings in flight, blocks they still add to predictions); expired ones are dropped first."""
@@ -249,7 +253,8 @@ class Picker:
         end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
         credit = self._credit
         ranks = w.ranks
-        best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end), total, threshold, blocks)
+        best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end, self.external), total, threshold,
+                         blocks)
         if best is None:
             return None  # every rank busy or predicted busy
         if best[2] is not None:
@@ -303,7 +308,8 @@ class Picker:
 
 
 def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit: Dict[Tuple[int, int], List[int]],
-                    start: int, end: int) -> Iterator[Tuple[int, int, int]]:
+                    start: int, end: int, external: Optional[Callable[[int, int], int]] = None,
+                    ) -> Iterator[Tuple[int, int, int]]:
     """``(rank, load, booked)`` for each declared rank the busy rule calls free right now."""
     for rank_id in range(start, end):
         r = ranks.get(rank_id)
@@ -316,7 +322,8 @@ def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit:
                 kv, decode = r.kv, r.decode
                 load = max(kv if kv is not None else 0, decode if decode is not None else 0)
         acc = credit.get((wid, rank_id))
-        yield rank_id, load, (acc[1] if acc is not None and acc[0] == seq else 0)
+        booked = acc[1] if acc is not None and acc[0] == seq else 0
+        yield rank_id, load, booked if external is None else booked + external(wid, rank_id)
 
 
 def best_rank(free_ranks: Iterable[Tuple[int, int, int]], total: Optional[int], threshold: Optional[float],
@@ -538,10 +545,11 @@ class SharedPicker:
     def attached(self) -> bool:
         return self._fleet is not None
 
-    def in_flight(self) -> int:
+    def in_flight(self, worker_id: Optional[int] = None) -> int:
+        """This process's live reservations (on ``worker_id``, or in all)."""
         with self._lock:
             self._expire(time.monotonic())
-            return len(self._bookings)
+            return len(self._bookings) if worker_id is None else self._inflight.get(worker_id, 0)
 
     def pick(self, free: Tuple[int, ...], *, book: bool, strategy: Optional[str] = None,
              exclude: Collection[int] = (), blocks: Optional[int] = None, model: Optional[str] = None,

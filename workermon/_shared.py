@@ -206,6 +206,11 @@ class SharedMonitor(SnapshotReads):
                 self._local_holds.pop(wid, None)
         return set(exclude) | set(self._local_holds)
 
+    def in_flight(self, worker_id: int) -> int:
+        """Reservations this process holds on ``worker_id`` (every process's bookings: ``why()``)."""
+        worker_id = _check_id(worker_id)
+        return self._picker.in_flight(worker_id + (1 << 64) if worker_id < 0 else worker_id)
+
     def overloaded(self, worker_id: int) -> None:
         """The frontend answered 529 for a request on ``worker_id``: as :meth:`WorkerMonitor.overloaded`.
 

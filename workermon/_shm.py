@@ -244,6 +244,9 @@ class SharedFleet:
             off += lay.row_size
         return total
 
+    def rank_seq(self, rank_slot: int) -> int:
+        return int(_RANK.unpack_from(self.mm, self.layout.ranks + rank_slot * RANK_SIZE)[1])
+
     def booked_total(self, procs_used: int, ranks_used: int) -> int:
         """Blocks booked host-wide that still count (each against its rank's current report)."""
         mm = self.mm

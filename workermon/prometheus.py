@@ -48,9 +48,9 @@ class WorkerMonitorCollector(Collector):
                                  labels=["worker_id", "dp_rank"])
         age = GaugeMetricFamily("workermon_worker_last_report_age_seconds", "Seconds since the newest report.",
                                 labels=["worker_id"])
-        inflight = GaugeMetricFamily("workermon_worker_reservations_in_flight", "Reservations held on the worker.",
+        inflight = GaugeMetricFamily("workermon_worker_reservations_in_flight",
+                                     "Reservations held on the worker (a SharedMonitor: by this process).",
                                      labels=["worker_id"])
-        picker = getattr(mon, "_picker", None)
         for wid, st in states.items():
             w = f"{wid:x}"
             w_busy.add_metric([w], 1.0 if st.busy else 0.0)
@@ -62,11 +62,8 @@ class WorkerMonitorCollector(Collector):
                     util.add_metric([w, str(rank)], blocks / st.kv_total_blocks)
             if st.last_report_age is not None:
                 age.add_metric([w], st.last_report_age)
-            if picker is not None:
-                inflight.add_metric([w], float(picker.in_flight(wid)))
-        yield from (w_busy, total, used, util, age)
-        if picker is not None:
-            yield inflight
+            inflight.add_metric([w], float(mon.in_flight(wid)))
+        yield from (w_busy, total, used, util, age, inflight)
         yield _counter("workermon_busy_set_changes", "Changes of the busy set.", mon.version)
         r = h.reducer
         yield _counter("workermon_load_reports", "Load reports applied.", r.get("load_reports", 0))
