@@ -253,7 +253,10 @@ def test_socket_is_private_and_other_users_are_refused(agent: Agent, sock_path: 
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.settimeout(5)
                 s.connect(sock_path)
-                os.write(w, s.recv(4096)[4:])
+                got = b""
+                while chunk := s.recv(4096):
+                    got += chunk
+                os.write(w, got[4:])
             finally:
                 os._exit(0)
         os.close(w)

@@ -75,7 +75,7 @@ class _Conn:
 class _ShmWriter(threading.Thread):
     """``workermon-agent-shm``: copies each changed worker's picking state into shared memory."""
 
-    def __init__(self, monitor: Any, fleet: SharedFleet, counters: Counters, on_primed: Any) -> None:
+    def __init__(self, monitor: Any, fleet: SharedFleet, counters: Counters, on_written: Any) -> None:
         super().__init__(name="workermon-agent-shm", daemon=True)
         self.monitor = monitor
         self.fleet = fleet
@@ -84,7 +84,9 @@ class _ShmWriter(threading.Thread):
         # Set once a write pass that began with the monitor ready is done: from then on the
         # shared memory holds the fleet the clients are told about (the agent says ready).
         self.primed = threading.Event()
-        self._on_primed = on_primed
+        # The newest snapshot whose changes are in the shared memory: what clients may be told.
+        self.synced: Any = None
+        self._on_written = on_written
         self._slots: Dict[int, int] = {}  # worker id -> slot
         self._runs: Dict[int, Tuple[int, int]] = {}  # worker id -> (first rank slot, rank count)
         self._free_slots: List[int] = []
@@ -117,7 +119,8 @@ class _ShmWriter(threading.Thread):
         try:
             while not self.stopping.is_set():
                 ready_before = mon.ready
-                changes = mon.wait_pick_changes(timeout=0.0 if ready_before and not self.primed.is_set() else 0.5)
+                snap, changes = mon.wait_pick_changes(
+                    timeout=0.0 if ready_before and not self.primed.is_set() else 0.5)
                 threshold = mon.thresholds.busy_threshold
                 moved = threshold != self._threshold
                 self._threshold = threshold
@@ -128,9 +131,13 @@ class _ShmWriter(threading.Thread):
                     self.fleet.set_layout(self._layout_seq, self._next_slot, threshold)
                 if changes:
                     self.counters.inc("shm_writes", len(changes))
+                wake = snap is not self.synced
+                self.synced = snap
                 if ready_before and not self.primed.is_set():
                     self.primed.set()
-                    self._on_primed()
+                    wake = True
+                if wake:
+                    self._on_written()  # the agent pushes what is now in the shared memory
         except Exception:  # noqa: BLE001 - logged; clients then see a frozen state and say so via ready
             self.counters.inc("errors")
             log.exception("workermon agent: the shared-memory writer failed")
@@ -425,8 +432,9 @@ class Agent(threading.Thread):
     def _refuse(self, sock: socket.socket, why: str) -> None:
         self.counters.inc("refused")
         try:
-            sock.setblocking(False)
-            sock.send(encode_frame({"t": "refused", "error": why}))
+            sock.settimeout(0.2)  # bounded: a peer that reads nothing cannot hold the agent
+            sock.sendall(encode_frame({"t": "refused", "error": why}))
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         sock.close()
@@ -449,9 +457,15 @@ class Agent(threading.Thread):
 
     # --- sending ------------------------------------------------------------------
 
+    def _synced(self) -> Any:
+        # Clients are told only a state the shared memory already holds, so a worker told free
+        # is free in the rows they pick from.
+        writer = self._writer
+        snap = writer.synced if writer is not None else None
+        return snap if snap is not None else self.monitor.snapshot()
+
     def _state_msg(self) -> Dict[str, Any]:
-        mon = self.monitor
-        snap = mon.snapshot()
+        snap = self._synced()
         return {"t": "state", "version": snap.version, "busy": sorted(snap.busy), "members": sorted(snap.members),
                 "ready": self._ready()}
 
@@ -460,8 +474,7 @@ class Agent(threading.Thread):
         return bool(self.monitor.ready) and writer is not None and writer.primed.is_set()
 
     def _broadcast_if_changed(self) -> None:
-        mon = self.monitor
-        key = (mon.snapshot(), self._ready())
+        key = (self._synced(), self._ready())
         if key == self._sent:
             return
         self._sent = key

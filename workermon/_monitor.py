@@ -580,12 +580,16 @@ class WorkerMonitor(SnapshotReads):
         """
         self._picker.external = booked
 
-    def wait_pick_changes(self, timeout: Optional[float] = None) -> Dict[int, Optional[PickState]]:
-        """What picking needs of every worker whose state changed since the last call (None: it left).
+    def wait_pick_changes(self, timeout: Optional[float] = None
+                          ) -> Tuple["_Snapshot", Dict[int, Optional[PickState]]]:
+        """``(snapshot, changes)``: what picking needs of every worker whose state changed since the
+        last call (None: it left), and the snapshot those changes bring the reader up to.
 
-        The first call returns every worker.  Waits up to ``timeout`` seconds
-        for a change; ``{}`` at timeout or once stopped.  For one consumer
-        (the host agent's shared memory writer); any thread but a callback.
+        Taken together under the lock, so once the changes are applied
+        elsewhere (the host agent's shared memory) that snapshot may be
+        published beside them and never runs ahead of them.  The first call
+        returns every worker.  Waits up to ``timeout`` seconds for a change
+        (``{}`` at timeout or once stopped).  For one consumer; any thread but a callback.
         """
         state = self._state
         if state.track_dirty:
@@ -595,7 +599,7 @@ class WorkerMonitor(SnapshotReads):
             dirty = state.take_dirty()
             if first:
                 dirty = set(state.workers)
-            return {wid: state.pick_state(wid) for wid in dirty}
+            return self._snapshot, {wid: state.pick_state(wid) for wid in dirty}
 
     def _notify_listeners(self) -> None:
         for listener in self._snapshot_listeners:
