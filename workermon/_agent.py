@@ -299,6 +299,11 @@ class Agent(threading.Thread):
             self.join(timeout)
         return not self.is_alive()
 
+    def _on_monitor_change(self) -> None:
+        # Snapshot changes reach clients through the writer (once written); here only readiness.
+        if self._ready() != (self._sent is not None and self._sent[1]):
+            self._poke()
+
     def _poke(self) -> None:
         try:
             self._wake_w.send(b"x")
@@ -316,7 +321,7 @@ class Agent(threading.Thread):
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._writer = writer = _ShmWriter(self.monitor, self._fleet, self.counters, self._poke)
         writer.start()
-        self.monitor.add_listener(self._poke)
+        self.monitor.add_listener(self._on_monitor_change)
         # why() (and the agent monitor's own picks) count every client's bookings.
         self.monitor.count_bookings_from(lambda wid, rank: writer.booked(wid, rank, self._next_row))
         try:
@@ -338,7 +343,7 @@ class Agent(threading.Thread):
                             self._drop(key.data, "error")
                 self._broadcast_if_changed()
         finally:
-            self.monitor.remove_listener(self._poke)
+            self.monitor.remove_listener(self._on_monitor_change)
             self.monitor.count_bookings_from(None)
             self._writer.stopping.set()
             self._writer.join(5)
@@ -464,23 +469,28 @@ class Agent(threading.Thread):
         snap = writer.synced if writer is not None else None
         return snap if snap is not None else self.monitor.snapshot()
 
-    def _state_msg(self) -> Dict[str, Any]:
+    def _state_msg(self, members: bool = True) -> Dict[str, Any]:
+        """The state for clients; ``members`` only when it changed (a client keeps the last it got)."""
         snap = self._synced()
-        return {"t": "state", "version": snap.version, "busy": sorted(snap.busy), "members": sorted(snap.members),
-                "ready": self._ready()}
+        msg = {"t": "state", "version": snap.version, "busy": list(snap.busy), "ready": self._ready()}
+        if members:
+            msg["members"] = list(snap.members)
+        return msg
 
     def _ready(self) -> bool:
         writer = self._writer
         return bool(self.monitor.ready) and writer is not None and writer.primed.is_set()
 
     def _broadcast_if_changed(self) -> None:
-        key = (self._synced(), self._ready())
+        snap = self._synced()
+        key = (snap, self._ready())
         if key == self._sent:
             return
+        members_changed = self._sent is None or self._sent[0].members is not snap.members
         self._sent = key
         if not self._conns:
             return
-        frame = encode_frame(self._state_msg())
+        frame = encode_frame(self._state_msg(members_changed))
         for conn in list(self._conns.values()):
             self._send_raw(conn, frame)
         self.counters.inc("pushes")

@@ -451,8 +451,11 @@ class SharedMonitor(SnapshotReads):
 
     def _apply_state(self, msg: Dict[str, Any]) -> None:
         try:
-            busy = frozenset(int(w) for w in msg["busy"])
-            members = frozenset(int(w) for w in msg["members"])
+            busy = frozenset(msg["busy"])
+            # Members come only when they changed: else the last ones stand.
+            members = frozenset(msg["members"]) if "members" in msg else self._snapshot.members
+            if not all(type(w) is int for w in busy) or ("members" in msg and not all(type(w) is int for w in members)):
+                raise TypeError("worker ids must be integers")
             version = self._version_base + int(msg["version"])
         except (KeyError, TypeError, ValueError):
             self._count("malformed")
