@@ -4,7 +4,7 @@ the frontend's memory of a 529, in the pure reducer and against real etcd + NATS
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import pytest
 

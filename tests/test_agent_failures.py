@@ -23,7 +23,7 @@ from workermon._agent import Agent
 from workermon._servers import EtcdServer, free_port
 
 from .conftest import Changes
-from .helpers import card_json, card_key, etcd_client, wait_until
+from .helpers import card_json, card_key, etcd_client
 
 Make = Callable[..., WorkerMonitor]
 
@@ -107,7 +107,8 @@ def zworkers(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[..., 
 
 def test_hung_agent_never_blocks_16_request_threads(etcd_server: EtcdServer, namespace: str, sock_dir: str,
                                                     zworkers: Any) -> None:
-    pubs = [zworkers() for _ in range(4)]
+    for _ in range(4):
+        zworkers()
     path = os.path.join(sock_dir, "agent.sock")
     agent = AgentProcess(etcd_server.url, namespace, path)
     client = SharedMonitor(path, hung_after=1.0, request_timeout=0.5).start()

@@ -41,6 +41,7 @@ from ._protocol import (
 )
 from ._reduce import Counters
 from ._shm import SharedFleet, ShmLayout
+from ._waker import Waker
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,7 @@ class Agent(threading.Thread):
         self.limits = limits
         self.counters = Counters()
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._conns: Dict[int, _Conn] = {}
         self._sel = selectors.DefaultSelector()
         self._listener: Optional[socket.socket] = None
@@ -272,8 +271,7 @@ class Agent(threading.Thread):
             self._listener.close()
             self._listener = None
             self._remove_files()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
 
     def _remove_files(self) -> None:
         for path in (self.path, self.shm_path):
@@ -305,10 +303,7 @@ class Agent(threading.Thread):
             self._poke()
 
     def _poke(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass
+        self._waker.poke()
 
     # --- the loop -----------------------------------------------------------------
 
@@ -318,7 +313,7 @@ class Agent(threading.Thread):
         assert self._listener is not None and self._fleet is not None
         sel = self._sel
         sel.register(self._listener, selectors.EVENT_READ, "accept")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self._waker.fd, selectors.EVENT_READ, "wake")
         self._writer = writer = _ShmWriter(self.monitor, self._fleet, self.counters, self._poke)
         writer.start()
         self.monitor.add_listener(self._on_monitor_change)
@@ -352,16 +347,11 @@ class Agent(threading.Thread):
             sel.close()
             self._listener.close()
             self._remove_files()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data == "wake":
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except (BlockingIOError, OSError):
-                pass
+            self._waker.drain()
             return
         if key.data == "accept":
             self._accept()

@@ -19,7 +19,7 @@ import grpc
 
 from ._health import Backoff, SourceStatus
 from ._queue import Backlog
-from ._model import CardDelete, CardListing, CardPut
+from ._model import CardDelete, CardListing
 from ._parse import DEFAULT_MAX_CARD_BYTES, Malformed, parse_card
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-import weakref
 from collections import deque
 from typing import (
     Any,
@@ -32,6 +31,7 @@ from typing import (
 
 import attrs
 
+from ._base import EMPTY, BaseMonitor, CallbackHandle, Snapshot, live_monitors, wait_on
 from ._etcd import EtcdConfig, EtcdSource, Watched, endpoints_from
 from ._health import Health, SourceHealth, SourceStatus
 from ._model import (
@@ -86,126 +86,7 @@ _WAKE = object()
 _ETCD_ITEMS = (CardPut, CardDelete, CardListing)
 _MAX_BATCH = 512  # queue items per reducer pass (each NATS item is itself a batch)
 
-# Started WorkerMonitors and SharedMonitors: a forked child marks its copies unusable.
-_live_monitors: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def _mark_forked() -> None:
-    for mon in list(_live_monitors):
-        mon._forked_from = mon._owner_pid
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_mark_forked)
-
-
-class _Snapshot:
-    """What readers see: swapped in whole by the reducer, never mutated after.
-
-    ``free`` is derived on first use and cached, so a busy-set change costs
-    O(busy) rather than O(fleet); racing first readers compute the same value.
-    """
-
-    __slots__ = ("busy", "members", "version", "_free", "_free_order")
-
-    def __init__(self, busy: frozenset[int], members: frozenset[int], version: int) -> None:
-        self.busy = busy
-        self.members = members
-        self.version = version
-        self._free: Optional[frozenset[int]] = None
-        self._free_order: Optional[Tuple[int, ...]] = None
-
-    @property
-    def free(self) -> frozenset[int]:
-        free = self._free
-        if free is None:
-            free = self._free = self.members - self.busy
-        return free
-
-    @property
-    def free_order(self) -> Tuple[int, ...]:
-        """The free set as a sorted tuple, for the picker (random draws and round robin)."""
-        order = self._free_order
-        if order is None:
-            order = self._free_order = tuple(sorted(self.free))
-        return order
-
-
-_EMPTY = _Snapshot(frozenset(), frozenset(), 0)
-
-
-class CallbackHandle:
-    """Returned by :meth:`WorkerMonitor.on_busy_change`.
-
-    Calling the handle calls the callback, so ``@mon.on_busy_change`` leaves a
-    usable function behind; :meth:`cancel` unregisters it (idempotent; the
-    callback is not called again once ``cancel`` returns, unless it is running
-    right now on the reducer thread).
-    """
-
-    __slots__ = ("callback", "_monitor", "cancelled", "__weakref__")
-
-    def __init__(self, callback: Callback, monitor: "WorkerMonitor") -> None:
-        self.callback = callback
-        self._monitor = monitor
-        self.cancelled = False
-
-    def __call__(self, change: BusyChange) -> Any:
-        return self.callback(change)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._monitor._unregister(self)
-
-    def __repr__(self) -> str:
-        state = "cancelled" if self.cancelled else "active"
-        return f"<CallbackHandle {getattr(self.callback, '__qualname__', self.callback)!r} {state}>"
-
-
-class SnapshotReads:
-    """The lock-free, O(1) reads of an immutable :class:`_Snapshot`, shared by
-    :class:`WorkerMonitor` and :class:`~workermon.SharedMonitor` (which swap
-    ``_snapshot`` in whole and refuse to be read across a fork)."""
-
-    _snapshot: _Snapshot
-    _forked_from: Optional[int]
-
-    def _check_fork(self) -> None:
-        raise NotImplementedError
-
-    def busy_workers(self) -> frozenset[int]:
-        """The busy set: lock-free, O(1), any thread."""
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.busy
-
-    def free_workers(self) -> frozenset[int]:
-        """Members that are not busy: lock-free, O(1), any thread."""
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.free
-
-    def members(self) -> frozenset[int]:
-        """Every worker with at least one card: lock-free, O(1), any thread."""
-        if self._forked_from is not None:
-            self._check_fork()
-        return self._snapshot.members
-
-    def is_busy(self, worker_id: int) -> bool:
-        """Whether ``worker_id`` is busy (False for unknown ids): lock-free, O(1)."""
-        if self._forked_from is not None:
-            self._check_fork()
-        if worker_id < 0:
-            worker_id += 1 << 64
-        return worker_id in self._snapshot.busy
-
-    @property
-    def version(self) -> int:
-        """The number of busy-set changes so far."""
-        return self._snapshot.version
-
-
-class WorkerMonitor(SnapshotReads):
+class WorkerMonitor(BaseMonitor):
     """Which Dynamo workers are busy, kept current by three threads.
 
     Create it, register callbacks, :meth:`start` it, then read
@@ -380,6 +261,7 @@ class WorkerMonitor(SnapshotReads):
             self.card_prefix = card_prefix or f"v1/mdc/{namespace}/"
 
         self._lock = threading.RLock()
+        self._callbacks_lock = self._lock  # registration also queues the first call, under the same lock
         self._queue: "queue.Queue[object]" = queue.Queue()
         self._stopping = threading.Event()
         self._etcd_ready = threading.Event()
@@ -389,7 +271,7 @@ class WorkerMonitor(SnapshotReads):
             self._nats_ready.set()
         if self._zmq_cfg is None:
             self._zmq_ready.set()
-        self._snapshot = _EMPTY
+        self._snapshot = EMPTY
         self._callbacks: Tuple[CallbackHandle, ...] = ()
         self._outbox: Deque[Tuple[BusyChange, Tuple[CallbackHandle, ...]]] = deque()
         self._lifecycle = threading.Lock()
@@ -412,7 +294,7 @@ class WorkerMonitor(SnapshotReads):
         self._owner_pid = os.getpid()
         self._forked_from: Optional[int] = None
         # Notified after every applied batch, for wait_for().
-        self._applied_cond = threading.Condition()
+        self._changed = threading.Condition()
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -434,7 +316,7 @@ class WorkerMonitor(SnapshotReads):
                 return self
             assert self._etcd_cfg is not None
             self._owner_pid = os.getpid()
-            _live_monitors.add(self)
+            live_monitors.add(self)
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
             extra = []
             if self._zmq_cfg is not None:
@@ -485,8 +367,8 @@ class WorkerMonitor(SnapshotReads):
             # belong to the parent; touching them here could hang the child.
             return True
         # Every wait_for()/wait_ready() returns now (see their docstrings).
-        with self._applied_cond:
-            self._applied_cond.notify_all()
+        with self._changed:
+            self._changed.notify_all()
         deadline = time.monotonic() + max(0.0, timeout)
         # One sentinel, put last: the reducer applies what came before it.
         self._queue.put(_STOP)
@@ -502,35 +384,14 @@ class WorkerMonitor(SnapshotReads):
             log.warning("workermon: threads still running after stop(timeout=%s)", timeout)
         return ok
 
-    def __enter__(self) -> "WorkerMonitor":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def wait_ready(self, timeout: Optional[float] = 5.0) -> bool:
-        """True once the initial etcd listing is applied and NATS is subscribed.
+        """True once the initial etcd listing is applied and the event planes asked for are subscribed.
 
-        Returns False when ``timeout`` passes first (for example while a
-        server is unreachable), and at once once :meth:`stop` has been called
-        (a stopped monitor is not ready; a waiter blocked here when ``stop()``
-        runs wakes up with False).  In static mode True at once.  Any thread.
+        False when ``timeout`` passes first (for example while a server is
+        unreachable), and at once once :meth:`stop` has been called.  In
+        static mode True at once.  Any thread.
         """
-        if self.static:
-            return True
-        return wait_on(self._applied_cond, lambda: self.ready, timeout, self._stopping, stop_value=False)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = 5.0) -> bool:
-        """Wait until ``predicate()`` is true, re-checking after every applied batch.
-
-        Returns the predicate's last value (False when ``timeout`` passed).
-        Once :meth:`stop` has been called it returns the predicate's value at
-        once, without waiting (nothing will change any more); a waiter
-        blocked here when ``stop()`` runs wakes up and does the same.
-        For scripts and tests, e.g. ``mon.wait_for(lambda: len(mon.members()) == 3)``.
-        Not from a callback: the reducer thread would wait on itself.
-        """
-        return wait_on(self._applied_cond, predicate, timeout, self._stopping)
+        return super().wait_ready(timeout)
 
     @property
     def ready(self) -> bool:
@@ -546,14 +407,14 @@ class WorkerMonitor(SnapshotReads):
 
     def _set_ready(self, event: threading.Event) -> None:
         # Readiness is waited on under the condition; set it there too.
-        with self._applied_cond:
+        with self._changed:
             event.set()
-            self._applied_cond.notify_all()
+            self._changed.notify_all()
         self._notify_listeners()
 
     # --- for integrations (the host agent): public, cheap, never blocking ---------------
 
-    def snapshot(self) -> "_Snapshot":
+    def snapshot(self) -> "Snapshot":
         """The immutable snapshot readers use (``busy``, ``members``, ``free``, ``version``), one consistent triple."""
         return self._snapshot
 
@@ -581,7 +442,7 @@ class WorkerMonitor(SnapshotReads):
         self._picker.external = booked
 
     def wait_pick_changes(self, timeout: Optional[float] = None
-                          ) -> Tuple["_Snapshot", Dict[int, Optional[PickState]]]:
+                          ) -> Tuple["Snapshot", Dict[int, Optional[PickState]]]:
         """``(snapshot, changes)``: what picking needs of every worker whose state changed since the
         last call (None: it left), and the snapshot those changes bring the reader up to.
 
@@ -593,7 +454,7 @@ class WorkerMonitor(SnapshotReads):
         """
         state = self._state
         if state.track_dirty:
-            wait_on(self._applied_cond, lambda: state.has_dirty, timeout, self._stopping)
+            wait_on(self._changed, lambda: state.has_dirty, timeout, self._stopping)
         with self._lock:
             first = not state.track_dirty
             dirty = state.take_dirty()
@@ -852,10 +713,6 @@ class WorkerMonitor(SnapshotReads):
                 self._wake_reducer()
         return handle
 
-    def _unregister(self, handle: CallbackHandle) -> None:
-        with self._lock:
-            self._callbacks = tuple(h for h in self._callbacks if h is not handle)
-
     # --- the reducer thread ---------------------------------------------------
 
     def _sources(self) -> List[Any]:
@@ -953,10 +810,10 @@ class WorkerMonitor(SnapshotReads):
                 log.exception("workermon reducer failed while expiring state; continuing")
             self._publish_locked()
         first_listing = listed and not self._etcd_ready.is_set()
-        with self._applied_cond:
+        with self._changed:
             if listed:
                 self._etcd_ready.set()
-            self._applied_cond.notify_all()
+            self._changed.notify_all()
         if first_listing:
             self._notify_listeners()
         if stop:
@@ -1000,7 +857,7 @@ class WorkerMonitor(SnapshotReads):
         busy = change.busy if change is not None else old.busy
         # Rebuilding the member set is O(fleet): only when membership changed.
         members = state.members if membership else old.members
-        self._snapshot = _Snapshot(busy, members, state.version)
+        self._snapshot = Snapshot(busy, members, state.version)
         if change is not None:
             self._outbox.append((change, self._callbacks))
         self._notify_listeners()
@@ -1040,14 +897,6 @@ class WorkerMonitor(SnapshotReads):
 
     # --- fork ---------------------------------------------------------------
 
-    def _check_fork(self) -> None:
-        if self._forked_from is not None:
-            raise RuntimeError(
-                f"this WorkerMonitor was started in process {self._forked_from} and its threads do not "
-                f"exist after fork() (in process {os.getpid()}); create and start a new monitor in the "
-                "child, e.g. in gunicorn's post_fork hook (see examples/gunicorn.conf.py)"
-            )
-
     def __repr__(self) -> str:
         mode = "static" if self.static else ("running" if self._started and not self._stopped else
                                              "stopped" if self._stopped else "new")
@@ -1055,27 +904,6 @@ class WorkerMonitor(SnapshotReads):
             f"<WorkerMonitor {mode} namespace={self.namespace!r} members={len(self._snapshot.members)} "
             f"busy={len(self._snapshot.busy)} version={self._snapshot.version}>"
         )
-
-
-def wait_on(cond: threading.Condition, predicate: Callable[[], bool], timeout: Optional[float],
-            stopping: threading.Event, stop_value: Optional[bool] = None) -> bool:
-    """Wait on ``cond`` (notified after every change) until ``predicate()``; its last value.
-
-    Returns at once once ``stopping`` is set (``predicate()``, or ``stop_value`` when given):
-    nothing will change any more.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with cond:
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if stopping.is_set():
-                return value if stop_value is None else stop_value
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return value
-            cond.wait(remaining)
 
 
 def _check_name(what: str, value: str) -> None:

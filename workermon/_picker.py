@@ -205,15 +205,10 @@ class Picker:
             bookings = self._bookings
             if bookings and next(iter(bookings.values())).deadline <= now:
                 self._expire(now)
-            chosen = choose(strategy, self, free, assess, book)
-            if chosen is None:
-                self.counters.inc("rejected" if book else "select_none")
-                return None
-            wid, assessment, reason = chosen
-            rank = assessment[1]
-            if not book:
-                self.counters.inc("selected")
-                return wid, rank, reason, None
+            settled = settle(self.counters, choose(strategy, self, free, assess, book), book)
+            if settled is None or not book:
+                return settled
+            wid, rank, reason, _ = settled
             w = self._state.workers.get(wid)
             r = w.ranks.get(rank) if w is not None else None
             seq = r.seq if r is not None else 0
@@ -462,6 +457,18 @@ _STRATEGY_IMPL: Dict[str, Callable[[Any, Tuple[int, ...], Callable[[int], Option
 }
 
 
+def settle(counters: Counters, chosen: Chosen, book: bool
+           ) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
+    """Count a pick's outcome: ``(worker, rank, reason, None)`` for the booking to follow, or None."""
+    if chosen is None:
+        counters.inc("rejected" if book else "select_none")
+        return None
+    wid, assessment, reason = chosen
+    if not book:
+        counters.inc("selected")
+    return wid, assessment[1], reason, None
+
+
 def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]],
            book: bool) -> Chosen:
     """Apply a strategy over ``free`` with ``assess``; ``draws`` holds ``_rng`` and the round-robin
@@ -608,15 +615,10 @@ class SharedPicker:
                     return (0, best[2]), best[1], best[2], inflight
                 return (1, best[0]), best[1], None, inflight
 
-            chosen = choose(strategy, self, free, assess, book)
-            if chosen is None:
-                self.counters.inc("rejected" if book else "select_none")
-                return None
-            wid, assessment, reason = chosen
-            rank = assessment[1]
-            if not book:
-                self.counters.inc("selected")
-                return wid, rank, reason, None
+            settled = settle(self.counters, choose(strategy, self, free, assess, book), book)
+            if settled is None or not book:
+                return settled
+            wid, rank, reason, _ = settled
             first, dp_start, ranks = where[wid]
             rank_slot = first + rank - dp_start
             seq = ranks[rank - dp_start][1]

@@ -36,10 +36,10 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import attrs
 
+from ._base import BaseMonitor, CallbackHandle, Snapshot, live_monitors
 from ._health import Backoff, Health, SourceHealth
 from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
-from ._monitor import CallbackHandle, SnapshotReads, _live_monitors, _Snapshot, wait_on
-from ._picker import Reservation, SharedPicker, check_blocks, check_strategy
+from ._picker import Reservation, SharedPicker, check_blocks
 from ._protocol import (
     MAX_REPLY,
     FrameError,
@@ -50,6 +50,7 @@ from ._protocol import (
     peer_uid,
 )
 from ._shm import SharedFleet
+from ._waker import Waker
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class AgentUnavailable(RuntimeError):
     """The host agent is not connected, or did not answer within the bound."""
 
 
-class SharedMonitor(SnapshotReads):
+class SharedMonitor(BaseMonitor):
     """The same API as :class:`WorkerMonitor` for everything a router uses, over the host agent.
 
     Create it after fork (gunicorn ``post_fork``), like ``WorkerMonitor``.
@@ -88,7 +89,7 @@ class SharedMonitor(SnapshotReads):
         self.overload_hold = float(overload_hold)
         self._backoff = (backoff_initial, backoff_cap)
         self._picker = SharedPicker(strategy, reservation_ttl, overloaded=self.overloaded)
-        self._snapshot = _Snapshot(frozenset(), frozenset(), 0)
+        self._snapshot = Snapshot(frozenset(), frozenset(), 0)
         self._agent_ready = False
         self._had_ready_state = False
         self._had_state = False
@@ -97,7 +98,8 @@ class SharedMonitor(SnapshotReads):
         self._epoch: Optional[int] = None
         self._version_base = 0
         self._stopping = threading.Event()
-        self._cond = threading.Condition()
+        self._changed = threading.Condition()
+        self._callbacks_lock = self._changed
         self._lifecycle = threading.Lock()
         self._started = False
         self._stopped = False
@@ -105,9 +107,7 @@ class SharedMonitor(SnapshotReads):
         self._sock: Optional[sockets.socket] = None
         self._send_lock = threading.Lock()
         self._outbox = bytearray()
-        self._wake_r, self._wake_w = sockets.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._waiting: Dict[int, List[Any]] = {}  # request id -> [event, reply]
         self._ids = 0
         self._callbacks: Tuple[CallbackHandle, ...] = ()
@@ -132,7 +132,7 @@ class SharedMonitor(SnapshotReads):
                 raise RuntimeError("SharedMonitor.start() was already called; create a new one")
             self._started = True
             self._owner_pid = os.getpid()
-            _live_monitors.add(self)  # marked unusable in a forked child, as WorkerMonitor
+            live_monitors.add(self)  # marked unusable in a forked child, as WorkerMonitor
             self._thread = threading.Thread(target=self._run, name="workermon-shared", daemon=True)
             self._thread.start()
         return self
@@ -145,35 +145,18 @@ class SharedMonitor(SnapshotReads):
         if self._forked_from is not None:
             return True
         self._poke()
-        with self._cond:
-            self._cond.notify_all()
+        with self._changed:
+            self._changed.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             return not thread.is_alive()
         return True
 
-    def __enter__(self) -> "SharedMonitor":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     @property
     def ready(self) -> bool:
         """Connected to an agent that answers and whose monitor is ready."""
         return self._connected and self._agent_ready and not self._hung and not self._stopping.is_set()
-
-    def wait_ready(self, timeout: Optional[float] = 5.0) -> bool:
-        """True once connected to an agent whose monitor is ready; False at timeout, or once stopped."""
-        return self._wait(lambda: self.ready, timeout, stop_value=False)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = 5.0) -> bool:
-        """Re-check ``predicate()`` after every state the agent pushes; its last value."""
-        return self._wait(predicate, timeout)
-
-    def _wait(self, predicate: Callable[[], bool], timeout: Optional[float], stop_value: Optional[bool] = None) -> bool:
-        return wait_on(self._cond, predicate, timeout, self._stopping, stop_value)
 
     # --- picking: in this process, from the shared memory ------------------------------
 
@@ -289,17 +272,13 @@ class SharedMonitor(SnapshotReads):
         if not callable(callback):
             raise TypeError("callback must be callable")
         self._check_fork()
-        handle = CallbackHandle(callback, self)  # type: ignore[arg-type]
-        with self._cond:
+        handle = CallbackHandle(callback, self)
+        with self._changed:
             self._callbacks = self._callbacks + (handle,)
             if self._started and not self._stopped:
                 self._pending_initial.append(handle)
         self._poke()
         return handle
-
-    def _unregister(self, handle: CallbackHandle) -> None:
-        with self._cond:
-            self._callbacks = tuple(h for h in self._callbacks if h is not handle)
 
     # --- the connection thread --------------------------------------------------------
 
@@ -325,8 +304,7 @@ class SharedMonitor(SnapshotReads):
                 backoff.wait()
         finally:
             self._picker.detach()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
             for fleet in self._fleets:
                 fleet.close()
 
@@ -362,25 +340,21 @@ class SharedMonitor(SnapshotReads):
         self._agent_ready = False
         sock.close()
         self._fail_waiters()
-        with self._cond:
-            self._cond.notify_all()
+        with self._changed:
+            self._changed.notify_all()
 
     def _read_loop(self, sock: sockets.socket) -> None:
         reader = FrameReader(MAX_REPLY)
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ, "sock")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self._waker.fd, selectors.EVENT_READ, "wake")
         last_rx = last_ping = time.monotonic()
         writing = False
         try:
             while not self._stopping.is_set():
                 for key, _ in sel.select(0.25):
                     if key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except (BlockingIOError, OSError):
-                            pass
+                        self._waker.drain()
                         continue
                     try:
                         data = sock.recv(1 << 16)
@@ -391,8 +365,8 @@ class SharedMonitor(SnapshotReads):
                     last_rx = time.monotonic()
                     if self._hung:
                         self._hung = False
-                        with self._cond:
-                            self._cond.notify_all()
+                        with self._changed:
+                            self._changed.notify_all()
                     try:
                         msgs = reader.feed(data)
                     except FrameError as exc:
@@ -408,8 +382,8 @@ class SharedMonitor(SnapshotReads):
                     self._hung = True  # it does not answer our pings: not ready, picking goes on
                     self._count("hung")
                     self._note_error(f"the agent at {self.socket_path} has not answered for {self.hung_after:g} s")
-                    with self._cond:
-                        self._cond.notify_all()
+                    with self._changed:
+                        self._changed.notify_all()
                 writing = self._flush(sock, sel, writing)
                 self._deliver_initial()
         finally:
@@ -464,21 +438,21 @@ class SharedMonitor(SnapshotReads):
             # A restarted agent that has not listed the fleet yet: its view is incomplete;
             # keep serving the last complete state until it is ready.
             self._agent_ready = False
-            with self._cond:
-                self._cond.notify_all()
+            with self._changed:
+                self._changed.notify_all()
             return
         self._had_ready_state = self._had_ready_state or bool(msg.get("ready"))
         # A callback registered since the last state first gets that state, then this change.
         self._deliver_initial()
         old = self._snapshot
         version = max(version, old.version)
-        self._snapshot = _Snapshot(busy, members, version)
+        self._snapshot = Snapshot(busy, members, version)
         self._had_state = True
         self._last_state_at = time.monotonic()
         self._agent_ready = bool(msg.get("ready"))
         self.last_error = None
-        with self._cond:
-            self._cond.notify_all()
+        with self._changed:
+            self._changed.notify_all()
             targets = self._callbacks
         if busy != old.busy:
             became_busy = busy - old.busy
@@ -495,7 +469,7 @@ class SharedMonitor(SnapshotReads):
     def _deliver_initial(self) -> None:
         if not self._had_state:
             return
-        with self._cond:
+        with self._changed:
             pending, self._pending_initial = self._pending_initial, []
         snap = self._snapshot
         for handle in pending:
@@ -507,10 +481,7 @@ class SharedMonitor(SnapshotReads):
                     log.exception("workermon callback %r raised", handle)
 
     def _poke(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closed after the thread ended
+        self._waker.poke()
 
     # --- sending: never blocking a request thread -------------------------------------------
 
@@ -588,14 +559,6 @@ class SharedMonitor(SnapshotReads):
         if text != self.last_error:
             log.warning("workermon shared monitor: %s; retrying", text)
         self.last_error = text
-
-    def _check_fork(self) -> None:
-        if self._forked_from is not None:
-            raise RuntimeError(
-                f"this SharedMonitor was started in process {self._forked_from} and its thread does not exist "
-                f"after fork() (in process {os.getpid()}); create and start a new one in the child, e.g. in "
-                "gunicorn's post_fork hook (see examples/gunicorn.conf.py)"
-            )
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"

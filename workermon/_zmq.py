@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import threading
 from collections import OrderedDict, deque
 from typing import Callable, Deque, Dict, List, Optional, Tuple
@@ -31,6 +30,7 @@ from ._health import Backoff, SourceStatus
 from ._model import ChannelDelete, ChannelListing, ChannelPut
 from ._parse import DEFAULT_MAX_LOAD_BYTES, KV_METRICS, Malformed, parse_zmq_frames
 from ._queue import Backlog, PayloadBatch
+from ._waker import Waker
 from ._zmtp import Subscriber
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,7 @@ class ZmqSource(threading.Thread):
         self._on_ready = on_ready
         self.status = status
         self._inbox: Deque[object] = deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._channels: Dict[str, ChannelPut] = {}
         self._endpoints: Dict[str, int] = {}  # endpoint -> channels using it
         self._publishers: Dict[int, int] = {}  # publisher id -> channels naming it
@@ -134,10 +132,7 @@ class ZmqSource(threading.Thread):
         self._poke()
 
     def _poke(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake (the pair is full), or closed after the thread ended
+        self._waker.poke()
 
     # --- the thread -------------------------------------------------------------
 
@@ -165,8 +160,7 @@ class ZmqSource(threading.Thread):
         finally:
             if sub is not None:
                 sub.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
             self.status.state = "stopped"
 
     def _open(self) -> Subscriber:
@@ -196,13 +190,9 @@ class ZmqSource(threading.Thread):
             self._apply_inbox(sub)
             # No timeout of its own: stop() and channel changes poke the waker;
             # the subscriber wakes itself for its reconnects.
-            woken, messages, errors = sub.poll(self._wake_r)
+            woken, messages, errors = sub.poll(self._waker.fd)
             if woken:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
+                self._waker.drain()
             for name, n in sub.counters.items():
                 self.status.counters[name] = n
             if sub.last_error is not None:
