@@ -180,7 +180,7 @@ def test_agent_kill_and_restart(etcd_server: EtcdServer, nats_server: NatsServer
     pub = WorkerPublisher([etcd_server.url], [nats_server.url], namespace=namespace, total_kv_blocks=100).start()
     agent = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        client = shared(timeout=0.05)
+        client = shared()
         changes = Changes()
         client.on_busy_change(changes)
         assert client.wait_ready(20) and client.wait_for(lambda: client.members() == {pub.worker_id}, 10)
@@ -222,7 +222,7 @@ def test_agent_kill_and_restart(etcd_server: EtcdServer, nats_server: NatsServer
 
 
 def test_local_fallback_picks_while_the_agent_is_gone(sock_path: str) -> None:
-    client = SharedMonitor(sock_path, timeout=0.05).start()
+    client = SharedMonitor(sock_path).start()
     try:
         assert not client.wait_ready(0.3)
         assert client.reserve() is None and client.select() is None  # nothing known yet

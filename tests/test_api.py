@@ -15,7 +15,7 @@ def test_all_matches_public_names() -> None:
     public = {name for name in dir(workermon) if not name.startswith(("_", "@"))}  # "@": pytest's rewriting
     # Submodules imported as a side effect are not part of the API; the public
     # submodules (the pytest plugin, the Prometheus collector) are imported on their own.
-    public -= {"annotations", "logging", "testing", "prometheus"}
+    public -= {"annotations", "logging", "testing", "prometheus", "options"}
     assert set(workermon.__all__) - {"__version__"} == public
     for name in ("WorkerMonitor", "BusyChange", "WorkerLoadState"):
         assert name in workermon.__all__

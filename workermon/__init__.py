@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import logging
 
+from ._base import Snapshot
+from ._config import MonitorConfig
 from ._health import Health, SourceHealth
-from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
+from ._model import BusyChange, Explanation, PickState, RankExplanation, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, WorkerMonitor
 from ._picker import Reservation
 from ._publisher import WorkerPublisher
 from ._shared import AgentUnavailable, SharedMonitor
+from .options import TLS, EtcdOptions, Limits, NatsOptions, Reconnect
 
 __all__ = [
     "AgentUnavailable",
     "BusyChange",
     "CallbackHandle",
+    "EtcdOptions",
     "Explanation",
     "Health",
+    "Limits",
+    "MonitorConfig",
+    "NatsOptions",
+    "PickState",
     "RankExplanation",
+    "Reconnect",
     "Reservation",
     "SharedMonitor",
+    "Snapshot",
     "SourceHealth",
+    "TLS",
     "Thresholds",
     "WorkerLoadState",
     "WorkerMonitor",

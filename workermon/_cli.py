@@ -18,11 +18,12 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from . import __version__
 from ._model import BusyChange, WorkerLoadState
 from ._monitor import FROM_ENV, WorkerMonitor
+from .options import TLS, EtcdOptions, NatsOptions
 
 log = logging.getLogger("workermon.cli")
 
@@ -202,9 +203,11 @@ def _add_view_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log warnings and reconnects to stderr")
 
 
-def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float, etcd: Sequence[str], nats: Sequence[str]) -> None:
+def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float) -> None:
     if mon.wait_ready(timeout):
         return
+    etcd = mon.config.etcd_endpoints or ()
+    nats = mon.config.nats_servers or ()
     h = mon.health()
     if h.etcd.state != "connected":
         raise UserError(f"cannot reach etcd at {', '.join(etcd)} within {timeout:g} s"
@@ -216,13 +219,42 @@ def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float, etcd: Sequence[st
                     + (f" ({h.nats.last_error})" if h.nats.last_error else ""))
 
 
+def _tls_from_args(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Optional[TLS]:
+    return TLS(ca, cert, key) if (ca or cert or key) else None
+
+
+def _security_from_args(args: argparse.Namespace) -> Tuple[Optional[EtcdOptions], Optional[NatsOptions]]:
+    """The flags' TLS and users; passwords only from the environment (never argv).  What no flag
+    sets is left to Dynamo's variables (ETCD_AUTH_*, NATS_AUTH_*, NATS_TLS_*), read by the monitor."""
+    etcd_tls = _tls_from_args(args.etcd_ca, args.etcd_cert, args.etcd_key)
+    etcd = None
+    if etcd_tls is not None or args.etcd_user:
+        password = None
+        if args.etcd_user:
+            password = os.environ.get("ETCD_AUTH_PASSWORD")
+            if password is None:
+                raise UserError("--etcd-user needs its password in $ETCD_AUTH_PASSWORD (never on the command line)")
+        etcd = EtcdOptions(tls=etcd_tls, user=args.etcd_user or None, password=password)
+    nats_tls = _tls_from_args(args.nats_ca, args.nats_cert, args.nats_key)
+    nats = None
+    if nats_tls is not None or args.nats_user or args.nats_creds:
+        password = None
+        if args.nats_user:
+            password = os.environ.get("NATS_AUTH_PASSWORD")
+            if password is None:
+                raise UserError("--nats-user needs its password in $NATS_AUTH_PASSWORD (never on the command line)")
+        nats = NatsOptions(tls=nats_tls, user=args.nats_user or None, password=password, credentials=args.nats_creds)
+    return etcd, nats
+
+
 def _monitor_from_args(args: argparse.Namespace) -> WorkerMonitor:
-    etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
     try:
-        return WorkerMonitor(etcd, args.nats if args.nats else FROM_ENV, namespace=args.namespace,
+        etcd, nats = _security_from_args(args)
+        return WorkerMonitor(args.etcd or FROM_ENV, args.nats if args.nats else FROM_ENV, namespace=args.namespace,
                              busy_threshold=args.busy_threshold, component=args.component,
                              endpoint=args.endpoint, event_plane=args.event_plane,
-                             zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV)
+                             zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV,
+                             etcd=etcd, nats=nats)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -251,8 +283,6 @@ def _stop_metrics(served: Any) -> None:
 def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     from ._agent import Agent, AgentLimits, default_socket_path
 
-    etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
-    nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
     mon = _monitor_from_args(args)
     path = args.socket or default_socket_path()
     agent = Agent(mon, path, AgentLimits(args.max_workers, args.max_ranks, args.max_clients))
@@ -274,7 +304,7 @@ def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     mon.start()
     agent.start()
     try:
-        _wait_ready_or_explain(mon, args.connect_timeout, etcd, nats)
+        _wait_ready_or_explain(mon, args.connect_timeout)
         log.info("workermon agent serving %s (%d workers, %d busy)", path, len(mon.members()), len(mon.busy_workers()))
         until = None if args.duration is None else time.monotonic() + args.duration
         while not stopping.wait(0.5 if until is None else max(0.0, min(0.5, until - time.monotonic()))):
@@ -291,8 +321,6 @@ def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
-    etcd = args.etcd or [e.strip() for e in os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379").split(",")]
-    nats = args.nats or [n.strip() for n in os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222").split(",")]
     # Without --nats the monitor reads $NATS_SERVER itself: NATS is then
     # required only when the environment names it (or --event-plane nats).
     mon = _monitor_from_args(args)
@@ -301,7 +329,7 @@ def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
     served = _serve_metrics(args, mon)
     mon.start()
     try:
-        _wait_ready_or_explain(mon, args.connect_timeout, etcd, nats)
+        _wait_ready_or_explain(mon, args.connect_timeout)
         until = None if args.duration is None else time.monotonic() + args.duration
         view.run(until, stopping)
         if not args.json and not view.live:
@@ -360,7 +388,7 @@ def cmd_demo(args: argparse.Namespace, stopping: threading.Event) -> int:
         view = View(mon, out, args.json, args.plain, args.interval or (1.0 if not args.plain else 2.0))
         view.attach()
         mon.start()
-        _wait_ready_or_explain(mon, 10.0, [etcd.url], nats_urls)
+        _wait_ready_or_explain(mon, 10.0)
         for pub in publishers if zmq else ():
             # No replay on ZMQ: start reporting once the monitor is connected.
             pub.wait_subscribed(10.0)
@@ -459,6 +487,20 @@ def _add_monitor_args(w: argparse.ArgumentParser) -> None:
                         "found in etcd and NATS where reachable)")
     w.add_argument("--zmq-broker-url", default=None, metavar="URL",
                    help="ZMQ broker mode: 'xsub=…, xpub=tcp://h:p;…' (default $DYN_ZMQ_BROKER_URL)")
+    sec = w.add_argument_group("secured planes (unset: Dynamo's ETCD_AUTH_*, NATS_AUTH_*, NATS_TLS_* variables; "
+                               "passwords and tokens only from the environment)")
+    sec.add_argument("--etcd-ca", metavar="FILE", help="CA certificate for etcd (default $ETCD_AUTH_CA)")
+    sec.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (default $ETCD_AUTH_CLIENT_CERT)")
+    sec.add_argument("--etcd-key", metavar="FILE", help="client key for etcd (default $ETCD_AUTH_CLIENT_KEY)")
+    sec.add_argument("--etcd-user", metavar="NAME",
+                     help="etcd user, password from $ETCD_AUTH_PASSWORD (default $ETCD_AUTH_USERNAME)")
+    sec.add_argument("--nats-ca", metavar="FILE", help="CA certificate for NATS (default $NATS_TLS_CA_CERT_PATH)")
+    sec.add_argument("--nats-cert", metavar="FILE",
+                     help="client certificate for NATS (default $NATS_TLS_CLIENT_CERT_PATH)")
+    sec.add_argument("--nats-key", metavar="FILE", help="client key for NATS (default $NATS_TLS_CLIENT_KEY_PATH)")
+    sec.add_argument("--nats-user", metavar="NAME",
+                     help="NATS user, password from $NATS_AUTH_PASSWORD (default $NATS_AUTH_USERNAME)")
+    sec.add_argument("--nats-creds", metavar="FILE", help="NATS .creds file (default $NATS_AUTH_CREDENTIALS_FILE)")
     w.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at /metrics on this port (needs workermon[prometheus])")
     w.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",

@@ -32,7 +32,8 @@ from typing import (
 import attrs
 
 from ._base import EMPTY, BaseMonitor, CallbackHandle, Snapshot, live_monitors, wait_on
-from ._etcd import EtcdConfig, EtcdSource, Watched, endpoints_from
+from ._config import MonitorConfig, apply_deprecated, resolve
+from ._etcd import EtcdConfig, EtcdSource, Watched
 from ._health import Health, SourceHealth, SourceStatus
 from ._model import (
     BusyChange,
@@ -51,25 +52,17 @@ from ._model import (
     WorkerLoadState,
 )
 from ._nats import NatsConfig, NatsSource
-from ._parse import (
-    DEFAULT_MAX_CARD_BYTES,
-    DEFAULT_MAX_LOAD_BYTES,
-    Malformed,
-    channel_prefix,
-    parse_channel,
-    parse_load_fields,
-)
+from ._parse import Malformed, parse_channel, parse_load_fields
 from ._picker import Picker, Reservation, Strategy, check_blocks
 from ._queue import Backlog, PayloadBatch
-from ._reduce import FleetState, Limits
-from ._zmq import ZmqConfig, ZmqSource, parse_broker_url
+from ._reduce import FleetState
+from ._zmq import ZmqConfig, ZmqSource
+from .options import EtcdOptions, Limits, NatsOptions, Reconnect
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CallbackHandle", "WorkerMonitor"]
 
-DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
-DEFAULT_NATS_SERVER = "nats://127.0.0.1:4222"
 
 Callback = Callable[[BusyChange], Any]
 
@@ -81,6 +74,7 @@ class _FromEnv:
 
 FROM_ENV: Any = _FromEnv()
 _UNCHANGED: Any = object()
+_UNSET: Any = object()
 _STOP = object()
 _WAKE = object()
 _ETCD_ITEMS = (CardPut, CardDelete, CardListing)
@@ -103,50 +97,23 @@ class WorkerMonitor(BaseMonitor):
         etcd_endpoints: Union[Sequence[str], str, None] = FROM_ENV,
         nats_servers: Union[Sequence[str], str, None] = FROM_ENV,
         namespace: str = "dynamo",
-        busy_threshold: Optional[float] = 0.9,
+        busy_threshold: Optional[float] = _UNSET,
         *,
+        thresholds: Optional[Thresholds] = None,
         component: Optional[str] = None,
         endpoint: Optional[str] = None,
-        card_prefix: Optional[str] = None,
-        metrics_subjects: Optional[Sequence[str]] = None,
-        recover_threshold: Optional[float] = None,
-        prefill_tokens_threshold: Optional[int] = None,
-        prefill_tokens_threshold_frac: Optional[float] = None,
-        metrics_ttl: Optional[float] = None,
-        stale_policy: StalePolicy = "ignore",
-        outage_policy: OutagePolicy = "keep",
-        outage_grace: float = 5.0,
-        max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES,
-        max_card_bytes: int = DEFAULT_MAX_CARD_BYTES,
-        pending_max_workers: int = 10_000,
-        pending_max_age: float = 30.0,
-        max_ranks_per_worker: int = 1024,
-        pending_max_ranks: int = 20_000,
-        max_queued_messages: int = 200_000,
-        max_queued_bytes: int = 64 * 1024 * 1024,
-        nats_pending_msgs_limit: int = 512 * 1024,
-        etcd_ca_cert: Optional[str] = None,
-        etcd_cert_key: Optional[str] = None,
-        etcd_cert_cert: Optional[str] = None,
-        etcd_user: Optional[str] = None,
-        etcd_password: Optional[str] = None,
-        etcd_timeout: float = 5.0,
-        nats_user: Optional[str] = None,
-        nats_password: Optional[str] = None,
-        nats_token: Optional[str] = None,
-        nats_tls_ca: Optional[str] = None,
-        nats_tls_cert: Optional[str] = None,
-        nats_tls_key: Optional[str] = None,
-        nats_credentials: Optional[str] = None,
-        backoff_initial: float = 0.1,
-        backoff_cap: float = 2.0,
         event_plane: EventPlane = FROM_ENV,
         zmq_broker_url: Optional[str] = FROM_ENV,
+        etcd: Optional[EtcdOptions] = None,
+        nats: Optional[NatsOptions] = None,
+        limits: Optional[Limits] = None,
+        reconnect: Optional[Reconnect] = None,
         strategy: Strategy = "p2c",
         reservation_ttl: float = 300.0,
         admission: bool = True,
         overload_hold: float = 1.0,
         _clock: Callable[[], float] = time.monotonic,
+        **deprecated: Any,
     ) -> None:
         _check_name("namespace", namespace)
         if component is not None:
@@ -155,110 +122,70 @@ class WorkerMonitor(BaseMonitor):
             _check_name("endpoint", endpoint)
             if component is None:
                 raise ValueError("endpoint narrows a component: give component too")
-        for name, value in (("max_load_bytes", max_load_bytes), ("max_card_bytes", max_card_bytes),
-                            ("max_queued_messages", max_queued_messages), ("max_queued_bytes", max_queued_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(overload_hold, (int, float)) or isinstance(overload_hold, bool) or not (
             0 <= overload_hold < float("inf")
         ):
             raise ValueError(f"overload_hold must be a number of seconds >= 0, got {overload_hold!r}")
+        if thresholds is not None and busy_threshold is not _UNSET:
+            raise ValueError("give busy_threshold (a shortcut) or thresholds=Thresholds(...), not both")
+        for name, value, kind in (("thresholds", thresholds, Thresholds), ("etcd", etcd, EtcdOptions),
+                                  ("nats", nats, NatsOptions), ("limits", limits, Limits),
+                                  ("reconnect", reconnect, Reconnect)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        if thresholds is None:
+            thresholds = Thresholds() if busy_threshold is _UNSET else Thresholds(busy_threshold=busy_threshold)
+        homes = apply_deprecated(deprecated, {
+            "thresholds": thresholds, "limits": limits or Limits(), "etcd": etcd or EtcdOptions(),
+            "nats": nats or NatsOptions(), "reconnect": reconnect or Reconnect()})
+        self.config: MonitorConfig = resolve(
+            etcd_endpoints=etcd_endpoints, nats_servers=nats_servers, namespace=namespace, component=component,
+            endpoint=endpoint, event_plane=event_plane, zmq_broker_url=zmq_broker_url, etcd=homes["etcd"],
+            nats=homes["nats"], limits=homes["limits"], reconnect=homes["reconnect"], thresholds=homes["thresholds"],
+            environ=os.environ, from_env=FROM_ENV)
+        cfg = self.config
+        lim = cfg.limits
         self.namespace = namespace
         self.overload_hold = float(overload_hold)
         self._clock = _clock
-        self._state = FleetState(
-            Thresholds(
-                busy_threshold=busy_threshold,
-                recover_threshold=recover_threshold,
-                prefill_tokens_threshold=prefill_tokens_threshold,
-                prefill_tokens_threshold_frac=prefill_tokens_threshold_frac,
-                metrics_ttl=metrics_ttl,
-                stale_policy=stale_policy,
-                outage_policy=outage_policy,
-                outage_grace=outage_grace,
-            ),
-            Limits(pending_max_workers, pending_max_age, max_ranks_per_worker, pending_max_ranks),
-            admission=bool(admission),
-        )
-        self._max_load_bytes = max_load_bytes
+        self._state = FleetState(cfg.thresholds, lim, admission=bool(admission))
+        self._max_load_bytes = lim.max_load_bytes
         self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl,
                               overloaded=self._mark_overloaded)
-        self._max_queued = max_queued_messages
-        self._max_queued_bytes = max_queued_bytes
-
-        if event_plane is FROM_ENV:
-            event_plane = os.environ.get("DYN_EVENT_PLANE", "").strip().lower() or "auto"  # type: ignore[assignment]
-        if event_plane not in ("auto", "nats", "zmq"):
-            raise ValueError(f"event_plane must be 'auto', 'nats' or 'zmq', got {event_plane!r}")
-        if zmq_broker_url is FROM_ENV:
-            zmq_broker_url = os.environ.get("DYN_ZMQ_BROKER_URL") or None
-        broker = parse_broker_url(zmq_broker_url) if zmq_broker_url is not None else ()
-        if event_plane == "zmq" and nats_servers not in (FROM_ENV, None):
-            raise ValueError("event_plane='zmq' uses no NATS: drop nats_servers (or use event_plane='auto')")
-        # NATS is required (for readiness and the outage policy) only when
-        # asked for: event_plane="nats", nats_servers=…, or $NATS_SERVER.  In
-        # "auto" it is otherwise subscribed where reachable, as a best effort.
-        self.event_plane: EventPlane = event_plane
-        self.nats_required = event_plane == "nats" or (
-            nats_servers is not None and (nats_servers is not FROM_ENV or bool(os.environ.get("NATS_SERVER")))
-        )
-        if etcd_endpoints is FROM_ENV:
-            etcd_endpoints = endpoints_from(None, os.environ.get("ETCD_ENDPOINTS")) or (DEFAULT_ETCD_ENDPOINT,)
-        if nats_servers is FROM_ENV:
-            nats_servers = endpoints_from(None, os.environ.get("NATS_SERVER")) or (DEFAULT_NATS_SERVER,)
-        if event_plane == "zmq":
-            nats_servers = None
-        self.static = etcd_endpoints is None
+        self._max_queued = lim.max_queued_messages
+        self._max_queued_bytes = lim.max_queued_bytes
+        self.event_plane: EventPlane = cfg.event_plane
+        self.nats_required = cfg.nats_required
+        self.static = cfg.static
+        self.card_prefix = cfg.card_prefix
         self._etcd_cfg: Optional[EtcdConfig] = None
         self._nats_cfg: Optional[NatsConfig] = None
         self._zmq_cfg: Optional[ZmqConfig] = None
-        if event_plane != "nats":
-            self._zmq_cfg = ZmqConfig(namespace=namespace, component=component, endpoint=endpoint, broker=broker,
-                                      max_load_bytes=max_load_bytes)
+        if cfg.zmq:
+            self._zmq_cfg = ZmqConfig(namespace=namespace, component=component, endpoint=endpoint,
+                                      broker=cfg.zmq_broker, max_load_bytes=lim.max_load_bytes)
         if not self.static:
-            assert etcd_endpoints is not None
-            if card_prefix is None:
-                card_prefix = f"v1/mdc/{namespace}/"
-                if component is not None:
-                    card_prefix += f"{component}/" + (f"{endpoint}/" if endpoint is not None else "")
-            self.card_prefix = card_prefix
+            assert cfg.etcd_endpoints is not None
+            e, tls = cfg.etcd, cfg.etcd.tls
             self._etcd_cfg = EtcdConfig(
-                endpoints=endpoints_from(etcd_endpoints, None),
-                prefix=card_prefix,
-                ca_cert=etcd_ca_cert,
-                cert_key=etcd_cert_key,
-                cert_cert=etcd_cert_cert,
-                user=etcd_user,
-                password=etcd_password,
-                timeout=etcd_timeout,
-                max_card_bytes=max_card_bytes,
-                backoff_initial=backoff_initial,
-                backoff_cap=backoff_cap,
+                endpoints=cfg.etcd_endpoints, prefix=cfg.card_prefix,
+                ca_cert=tls.ca if tls else None, cert_key=tls.key if tls else None,
+                cert_cert=tls.cert if tls else None, user=e.user, password=e.password, timeout=e.timeout,
+                max_card_bytes=lim.max_card_bytes, backoff_initial=cfg.reconnect.initial,
+                backoff_cap=cfg.reconnect.cap,
             )
-            if nats_servers is not None:
-                if metrics_subjects is None:
-                    metrics_subjects = (
-                        f"namespace.{namespace}.kv_metrics",
-                        # Dynamo 1.6 publishes on an endpoint-scoped subject.
-                        f"namespace.{namespace}.component.{component or '*'}"
-                        f".endpoint.{endpoint or '*'}.kv_metrics",
-                    )
+            if cfg.nats_servers is not None:
+                n, tls = cfg.nats, cfg.nats.tls
+                auth = n.auth
                 self._nats_cfg = NatsConfig(
-                    servers=endpoints_from(nats_servers, None),
-                    subjects=tuple(metrics_subjects),
-                    user=nats_user,
-                    password=nats_password,
-                    token=nats_token,
-                    tls_ca=nats_tls_ca,
-                    tls_cert=nats_tls_cert,
-                    tls_key=nats_tls_key,
-                    credentials_file=nats_credentials,
-                    pending_msgs_limit=nats_pending_msgs_limit,
-                    backoff_initial=backoff_initial,
-                    backoff_cap=backoff_cap,
+                    servers=cfg.nats_servers, subjects=cfg.subjects,
+                    user=n.user if auth == "user" else None, password=n.password if auth == "user" else None,
+                    token=n.token if auth == "token" else None, nkey=n.nkey if auth == "nkey" else None,
+                    credentials_file=n.credentials if auth == "credentials" else None,
+                    tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None,
+                    tls_key=tls.key if tls else None, pending_msgs_limit=n.pending_msgs_limit,
+                    backoff_initial=cfg.reconnect.initial, backoff_cap=cfg.reconnect.cap,
                 )
-        else:
-            self.card_prefix = card_prefix or f"v1/mdc/{namespace}/"
 
         self._lock = threading.RLock()
         self._callbacks_lock = self._lock  # registration also queues the first call, under the same lock
@@ -725,10 +652,9 @@ class WorkerMonitor(BaseMonitor):
         """The kv_metrics event channels under the namespace, for the ZMQ source."""
         cfg = self._etcd_cfg
         assert cfg is not None and self._zmq_cfg is not None
-        z = self._zmq_cfg
         return Watched(
             name="channel",
-            prefix=channel_prefix(z.namespace, z.component, z.endpoint),
+            prefix=self.config.channel_prefix,
             parse=lambda k, v, lease, _created: parse_channel(k, v, lease, cfg.max_card_bytes),
             delete=lambda key: ChannelDelete(key=key),
             listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),

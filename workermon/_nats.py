@@ -57,6 +57,7 @@ class NatsConfig:
     user: Optional[str] = None
     password: Optional[str] = attrs.field(default=None, repr=False)
     token: Optional[str] = attrs.field(default=None, repr=False)
+    nkey: Optional[str] = attrs.field(default=None, repr=False)  # an nkey seed (needs the nkeys package)
     tls_ca: Optional[str] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -293,6 +294,8 @@ class NatsSource(threading.Thread):
             opts["password"] = cfg.password
         if cfg.token is not None:
             opts["token"] = cfg.token
+        if cfg.nkey is not None:
+            opts["nkeys_seed_str"] = cfg.nkey
         if cfg.credentials_file is not None:
             opts["user_credentials"] = cfg.credentials_file
         ctx = cfg.ssl_context()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import random
 import threading
@@ -22,7 +23,9 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 import msgspec
 
+from ._config import apply_deprecated, etcd_from_env, nats_from_env
 from ._etcd import EtcdConfig, endpoints_from, make_client
+from .options import EtcdOptions, NatsOptions
 from ._nats import check_nats_url, close_loop
 from ._parse import KV_METRICS, channel_prefix
 
@@ -70,6 +73,8 @@ class WorkerPublisher:
         data_parallel_start_rank: int = 0,
         subject: Optional[str] = None,
         on_reregister: Optional[Callable[[int, int], None]] = None,
+        etcd: Optional[EtcdOptions] = None,
+        nats: Optional[NatsOptions] = None,
         etcd_user: Optional[str] = None,
         etcd_password: Optional[str] = None,
         etcd_ca_cert: Optional[str] = None,
@@ -90,9 +95,20 @@ class WorkerPublisher:
             raise ValueError(f"load_format must be 'load_event' or 'active_load', got {load_format!r}")
         if lease_ttl < 1:
             raise ValueError("lease_ttl must be at least 1 second")
+        # The same option objects as WorkerMonitor; what they leave unset comes from Dynamo's
+        # ETCD_AUTH_* / NATS_AUTH_* / NATS_TLS_* variables, as a Dynamo worker reads them.
+        legacy = {k: v for k, v in (("etcd_user", etcd_user), ("etcd_password", etcd_password),
+                                    ("etcd_ca_cert", etcd_ca_cert), ("nats_token", nats_token),
+                                    ("nats_user", nats_user), ("nats_password", nats_password),
+                                    ("nats_tls_ca", nats_tls_ca)) if v is not None}
+        homes = apply_deprecated(legacy, {"etcd": etcd or EtcdOptions(), "nats": nats or NatsOptions()})
+        etcd_opts = etcd_from_env(homes["etcd"], os.environ)
+        nats_opts = nats_from_env(homes["nats"], os.environ)
+        tls = etcd_opts.tls
         self._etcd_cfg = EtcdConfig(
             endpoints=endpoints_from(etcd_endpoints, None), prefix=f"v1/mdc/{namespace}/",
-            user=etcd_user, password=etcd_password, ca_cert=etcd_ca_cert,
+            user=etcd_opts.user, password=etcd_opts.password, ca_cert=tls.ca if tls else None,
+            cert_cert=tls.cert if tls else None, cert_key=tls.key if tls else None, timeout=etcd_opts.timeout,
         )
         self._servers = [check_nats_url(s) for s in endpoints_from(nats_servers, None)] if nats_servers else []
         self.event_plane: PublisherPlane = event_plane
@@ -119,14 +135,23 @@ class WorkerPublisher:
         )
         self._on_reregister = on_reregister
         self._nats_auth: Dict[str, Any] = {}
-        if nats_token is not None:
-            self._nats_auth["token"] = nats_token
-        if nats_user is not None:
-            self._nats_auth.update(user=nats_user, password=nats_password)
-        if nats_tls_ca is not None or any(s.startswith("tls://") for s in self._servers):
+        auth = nats_opts.auth
+        if auth == "user":
+            self._nats_auth.update(user=nats_opts.user, password=nats_opts.password)
+        elif auth == "token":
+            self._nats_auth["token"] = nats_opts.token
+        elif auth == "nkey":
+            self._nats_auth["nkeys_seed_str"] = nats_opts.nkey
+        elif auth == "credentials":
+            self._nats_auth["user_credentials"] = nats_opts.credentials
+        ntls = nats_opts.tls
+        if ntls is not None or any(s.startswith("tls://") for s in self._servers):
             import ssl
 
-            self._nats_auth["tls"] = ssl.create_default_context(cafile=nats_tls_ca)
+            ctx = ssl.create_default_context(cafile=ntls.ca if ntls else None)
+            if ntls is not None and ntls.cert and ntls.key:
+                ctx.load_cert_chain(ntls.cert, ntls.key)
+            self._nats_auth["tls"] = ctx
         self._client: Any = None
         self._lease_id = 0
         self._stopping = threading.Event()

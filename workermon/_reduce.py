@@ -17,6 +17,7 @@ import weakref
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from .options import Limits
 from ._model import (
     BusyChange,
     Card,
@@ -34,28 +35,6 @@ from ._model import (
 )
 
 __all__ = ["Counters", "FleetState", "Limits"]
-
-
-class Limits:
-    """Caps on every structure that grows with input (all configurable)."""
-
-    __slots__ = ("pending_max_workers", "pending_max_age", "max_ranks_per_worker", "pending_max_ranks")
-
-    def __init__(
-        self,
-        pending_max_workers: int = 10_000,
-        pending_max_age: float = 30.0,
-        max_ranks_per_worker: int = 1024,
-        pending_max_ranks: int = 20_000,
-    ) -> None:
-        if pending_max_workers < 0 or pending_max_age < 0 or max_ranks_per_worker < 1 or pending_max_ranks < 0:
-            raise ValueError("limits must be non-negative (max_ranks_per_worker >= 1)")
-        self.pending_max_workers = pending_max_workers
-        self.pending_max_age = pending_max_age
-        self.max_ranks_per_worker = max_ranks_per_worker
-        # Held reports (workers without a card yet) in ranks, over all held
-        # workers: what bounds their memory (~170 bytes a rank).
-        self.pending_max_ranks = pending_max_ranks
 
 
 class Counters(Dict[str, int]):

@@ -32,6 +32,7 @@ import selectors
 import socket as sockets
 import threading
 import time
+import warnings
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import attrs
@@ -51,6 +52,7 @@ from ._protocol import (
 )
 from ._shm import SharedFleet
 from ._waker import Waker
+from .options import Reconnect
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +73,34 @@ class SharedMonitor(BaseMonitor):
     a per-user runtime path: see ``workermon agent --help``).
     ``strategy`` and ``reservation_ttl``: as for ``WorkerMonitor``.
     ``hung_after``: seconds without any frame from the agent (it is pinged
-    every second) after which ``ready`` turns False.  ``timeout`` is
-    accepted for compatibility: no request thread waits on the agent any more.
+    every second) after which ``ready`` turns False; ``reconnect``: the
+    back-off between connection attempts (default 50 ms → 1 s).
     """
 
-    def __init__(self, socket: Optional[str] = None, *, timeout: float = 0.05, request_timeout: float = 1.0,
-                 backoff_initial: float = 0.05, backoff_cap: float = 1.0, strategy: str = "p2c",
-                 reservation_ttl: float = 300.0, overload_hold: float = 1.0, hung_after: float = 2.0) -> None:
+    def __init__(self, socket: Optional[str] = None, *, request_timeout: float = 1.0,
+                 reconnect: Optional[Reconnect] = None, strategy: str = "p2c", reservation_ttl: float = 300.0,
+                 overload_hold: float = 1.0, hung_after: float = 2.0, **deprecated: Any) -> None:
+        unknown = set(deprecated) - {"timeout", "backoff_initial", "backoff_cap"}
+        if unknown:
+            raise TypeError(f"SharedMonitor() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+        if "timeout" in deprecated:
+            warnings.warn("SharedMonitor(timeout=…) is deprecated and unused: no request thread waits on the agent "
+                          "any more", DeprecationWarning, stacklevel=2)
+        if "backoff_initial" in deprecated or "backoff_cap" in deprecated:
+            warnings.warn("SharedMonitor(backoff_initial=…, backoff_cap=…) is deprecated: use "
+                          "reconnect=Reconnect(initial=…, cap=…)", DeprecationWarning, stacklevel=2)
+            base = reconnect or Reconnect(0.05, 1.0)
+            reconnect = Reconnect(deprecated.get("backoff_initial", base.initial),
+                                  deprecated.get("backoff_cap", base.cap))
         if not 0 < hung_after < float("inf"):
             raise ValueError(f"hung_after must be a number of seconds > 0, got {hung_after!r}")
         if not 0 <= overload_hold < float("inf"):
             raise ValueError(f"overload_hold must be a number of seconds >= 0, got {overload_hold!r}")
         self.socket_path = socket or default_socket_path()
-        self.timeout = timeout
         self.request_timeout = request_timeout
         self.hung_after = hung_after
         self.overload_hold = float(overload_hold)
-        self._backoff = (backoff_initial, backoff_cap)
+        self.reconnect = reconnect if reconnect is not None else Reconnect(0.05, 1.0)
         self._picker = SharedPicker(strategy, reservation_ttl, overloaded=self.overloaded)
         self._snapshot = Snapshot(frozenset(), frozenset(), 0)
         self._agent_ready = False
@@ -283,7 +296,7 @@ class SharedMonitor(BaseMonitor):
     # --- the connection thread --------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = Backoff(self._stopping, *self._backoff)
+        backoff = Backoff(self._stopping, self.reconnect.initial, self.reconnect.cap)
         try:
             while not self._stopping.is_set():
                 sock = self._connect()

@@ -217,6 +217,5 @@ def replay(monitor_or_servers: Any, path: Union[str, Path], namespace: Optional[
 def _urls(obj: Any) -> "tuple[str, str]":
     if isinstance(obj, Servers) or hasattr(obj, "etcd_url"):
         return obj.etcd_url, obj.nats_url
-    etcd = obj._etcd_cfg.endpoints[0]
-    nats = obj._nats_cfg.servers[0] if obj._nats_cfg is not None else ""
-    return etcd, nats
+    cfg = obj.config  # a WorkerMonitor's resolved configuration
+    return (cfg.etcd_endpoints or ("",))[0], (cfg.nats_servers or ("",))[0]
