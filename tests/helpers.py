@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from workermon._etcd import EtcdConfig, make_client
+from workermon._sources.etcd import EtcdConfig, make_client
 
 # Real traffic captured from Dynamo 0.5.1 → 1.6.1 (a copy of shared/dynamo-samples).
 SAMPLES = Path(os.environ.get("WORKERMON_SAMPLES", Path(__file__).resolve().parent / "data" / "dynamo-samples"))

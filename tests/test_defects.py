@@ -16,7 +16,7 @@ from typing import Any, Callable, List
 import pytest
 
 from workermon import BusyChange, WorkerMonitor
-from workermon._etcd import EtcdSource
+from workermon._sources.etcd import EtcdSource
 from workermon._model import Card, CardListing, CardPut, LoadReport, Thresholds
 from workermon._reduce import FleetState, apply_all
 from workermon._servers import EtcdServer, NatsServer, free_port
@@ -104,7 +104,7 @@ def test_etcd_listing_reports_malformed_keys(etcd_server: EtcdServer, etcd: Any,
     etcd.put(good, card_json(10))
     etcd.put(bad, "{not json")
     try:
-        from workermon._etcd import EtcdConfig
+        from workermon._sources.etcd import EtcdConfig
         from workermon._health import SourceStatus
 
         out: "queue.Queue[object]" = queue.Queue()
@@ -309,7 +309,7 @@ def test_oversized_dropped_before_queueing_and_bytes_bounded(
 def test_compaction_between_listing_pages_is_a_resync(
     make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workermon._etcd as etcd_mod
+    import workermon._sources.etcd as etcd_mod
 
     keys = [card_key(namespace, 0x200 + i) for i in range(7)]
     for key in keys:

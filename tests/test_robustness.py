@@ -133,7 +133,7 @@ def test_stop_within_timeout_while_servers_are_down(namespace: str) -> None:
 def test_unexpected_source_failure_is_restarted(make_monitor: Make, etcd: Any, namespace: str,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    import workermon._etcd as etcd_mod
+    import workermon._sources.etcd as etcd_mod
 
     real = etcd_mod.parse_card
     failures: List[int] = []

@@ -80,7 +80,7 @@ def test_etcd_user_password(fresh_etcd: EtcdServer, nats_server: NatsServer, nam
         assert wrong.wait_ready(2) is False
         err = wrong.health().etcd.last_error or ""
         assert "authentication failed" in err, err
-        warnings = [r for r in caplog.records if r.name == "workermon._etcd" and "authentication failed" in r.message]
+        warnings = [r for r in caplog.records if r.name == "workermon._sources.etcd" and "authentication failed" in r.message]
         assert len(warnings) == 1          # one clear line, not one per retry
     assert SECRET not in caplog.text
 
@@ -114,7 +114,7 @@ def test_nats_tls_token_user(mode: str, etcd_server: EtcdServer, certs: Dict[str
         with wrong:
             assert wrong.wait_ready(2) is False
             assert wrong.health().nats.last_error
-            nats_warnings = [r for r in caplog.records if r.name == "workermon._nats" and r.levelno >= logging.WARNING
+            nats_warnings = [r for r in caplog.records if r.name == "workermon._sources.nats" and r.levelno >= logging.WARNING
                              and "retrying" in r.message]
             assert 1 <= len({r.message for r in nats_warnings}) <= 2
     finally:

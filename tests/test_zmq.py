@@ -460,3 +460,16 @@ def test_one_huge_message_takes_bounded_memory(zmon: Make, etcd_server: EtcdServ
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_every_source_reports_its_own_backlog(zmon: Make, zpub: Any) -> None:
+    pub = zpub()
+    mon = zmon()
+    mon.start()
+    assert mon.wait_ready(10) and pub.wait_subscribed(10)
+    pub.report(950)
+    assert mon.wait_for(lambda: mon.is_busy(pub.worker_id), 10)
+    h = mon.health()
+    # The ZMQ source's backlog was never reported before the sources shared one shape.
+    assert h.zmq.counters["queued_items"] == 0 and h.zmq.counters["queued_bytes"] == 0
+    assert "queued_items" in h.etcd.counters

@@ -198,7 +198,7 @@ def resolve(
     from_env: Any,
 ) -> MonitorConfig:
     """Resolve a monitor's configuration; ``from_env`` is the marker of "not given: read the environment"."""
-    from ._zmq import parse_broker_url
+    from ._sources.zmq import parse_broker_url
 
     if event_plane is from_env:
         event_plane = environ.get("DYN_EVENT_PLANE", "").strip().lower() or "auto"

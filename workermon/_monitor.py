@@ -33,7 +33,7 @@ import attrs
 
 from ._base import EMPTY, BaseMonitor, CallbackHandle, Snapshot, live_monitors, wait_on
 from ._config import MonitorConfig, apply_deprecated, resolve
-from ._etcd import EtcdConfig, EtcdSource, Watched
+from ._sources.etcd import EtcdConfig, EtcdSource, Watched
 from ._health import Health, SourceHealth, SourceStatus
 from ._model import (
     BusyChange,
@@ -51,12 +51,13 @@ from ._model import (
     Thresholds,
     WorkerLoadState,
 )
-from ._nats import NatsConfig, NatsSource
+from ._sources.nats import NatsConfig, NatsSource
 from ._parse import Malformed, parse_channel, parse_load_fields
 from ._picker import Picker, Reservation, Strategy, check_blocks
-from ._queue import Backlog, PayloadBatch
+from ._sources import Source
+from ._sources.backlog import Backlog, PayloadBatch
 from ._reduce import FleetState
-from ._zmq import ZmqConfig, ZmqSource
+from ._sources.zmq import ZmqConfig, ZmqSource
 from .options import EtcdOptions, Limits, NatsOptions, Reconnect
 
 log = logging.getLogger(__name__)
@@ -534,10 +535,10 @@ class WorkerMonitor(BaseMonitor):
             members = len(self._state.workers) - self._state.unadmitted
         reducer["callback_errors"] = self._callback_errors
         reducer["queued_items"] = self._queue.qsize()
-        # Each drop is counted once, where it happens: oversized payloads on the
-        # source thread that dropped them (health().nats/zmq counters), the rest here.
+        # Each source answers for itself, its backlog included (queued_items,
+        # queued_bytes); each drop is counted once, where it happens.
         if self._nats is not None:
-            reducer["queued_messages"] = self._nats.backlog.items
+            reducer["queued_messages"] = self._nats.backlog.items  # the same figures, under their old names
             reducer["queued_bytes"] = self._nats.backlog.nbytes
         if self._etcd is not None:
             reducer["queued_card_events"] = self._etcd.backlog.items
@@ -552,22 +553,27 @@ class WorkerMonitor(BaseMonitor):
         if self._zmq_cfg is not None:
             required.append("zmq")
         return Health(
-            etcd=self._etcd_status.view(),
-            nats=self._nats_status.view() if self._nats_cfg is not None or self.static else SourceHealth(
-                "nats", "idle", None, {},
-                "NATS disabled (event_plane='zmq')" if self.event_plane == "zmq" else "NATS disabled (nats_servers=None)"
-            ),
+            etcd=self._source_health(self._etcd, self._etcd_status, None),
+            nats=self._source_health(self._nats, self._nats_status, None if self._nats_cfg is not None else (
+                "NATS disabled (event_plane='zmq')" if self.event_plane == "zmq"
+                else "NATS disabled (nats_servers=None)")),
             reducer=reducer,
             members=members,
             busy=len(self._snapshot.busy),
             ready=self.ready,
             alive=alive or (self.static and self._started and not self._stopped),
-            zmq=self._zmq_status.view() if self._zmq_cfg is not None or self.static else SourceHealth(
-                "zmq", "idle", None, {}, "ZMQ disabled (event_plane='nats')"
-            ),
+            zmq=self._source_health(self._zmq, self._zmq_status, None if self._zmq_cfg is not None else
+                                    "ZMQ disabled (event_plane='nats')"),
             required=tuple(required) if not self.static else ("etcd", "nats"),
             picker=picker,
         )
+
+    def _source_health(self, source: Optional[Source], status: SourceStatus, disabled: Optional[str]) -> SourceHealth:
+        if source is not None:
+            return source.health()
+        if disabled is not None and not self.static:
+            return SourceHealth(status.name, "idle", None, {}, disabled)
+        return status.view()  # not started yet, or static
 
     # --- writes ---------------------------------------------------------------
 

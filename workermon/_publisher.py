@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 import msgspec
 
 from ._config import apply_deprecated, etcd_from_env, nats_from_env
-from ._etcd import EtcdConfig, endpoints_from, make_client
+from ._sources.etcd import EtcdConfig, endpoints_from, make_client
 from .options import EtcdOptions, NatsOptions
-from ._nats import check_nats_url, close_loop
+from ._sources.nats import check_nats_url, close_loop
 from ._parse import KV_METRICS, channel_prefix
 
 log = logging.getLogger(__name__)

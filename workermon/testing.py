@@ -162,7 +162,7 @@ def replay(monitor_or_servers: Any, path: Union[str, Path], namespace: Optional[
     ``nats-*.jsonl``: each message's ``data`` (text, or ``HEX:…``/``hex``) is published on its subject.
     ``namespace`` rewrites the recorded namespace (``dynamo``) in keys and subjects.
     """
-    from ._etcd import EtcdConfig, make_client
+    from ._sources.etcd import EtcdConfig, make_client
 
     etcd_url, nats_url = _urls(monitor_or_servers)
     p = Path(path)

@@ -20,10 +20,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import attrs
 
-from ._health import Backoff, SourceStatus
-from ._model import FeedStatus
-from ._parse import DEFAULT_MAX_LOAD_BYTES
-from ._queue import Backlog, PayloadBatch
+from .._health import Backoff, SourceStatus
+from .._model import FeedStatus
+from .._parse import DEFAULT_MAX_LOAD_BYTES
+from . import Source
+from .backlog import Backlog, PayloadBatch
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class NatsConfig:
         return ctx
 
 
-class NatsSource(threading.Thread):
+class NatsSource(Source):
     """``workermon-nats``: hands raw payload batches and FeedStatus items to ``emit``.
 
     Payloads over ``max_load_bytes`` are dropped here, before they are queued;
@@ -112,16 +113,13 @@ class NatsSource(threading.Thread):
         max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES,
         report_feed: bool = True,
     ) -> None:
-        super().__init__(name="workermon-nats", daemon=True)
+        super().__init__("nats", stopping, status, backlog)
         # Whether NATS going down is the metrics feed going down (the outage
         # policy); not when NATS is only a best effort beside ZMQ.
         self._report_feed = report_feed
         self._cfg = cfg
         self._emit = emit
-        self.backlog = backlog
-        self._stopping = stopping
         self._on_ready = on_ready
-        self.status = status
         self._max_load_bytes = max_load_bytes
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop_future: Optional[asyncio.Future[None]] = None
@@ -131,7 +129,6 @@ class NatsSource(threading.Thread):
         self._flush_scheduled = False
         self._reconnect_backoff = Backoff(stopping, cfg.backoff_initial, cfg.backoff_cap)
         self._rr = 0
-        self._last_error_logged: Optional[str] = None
         self._live = False  # a connection is established and subscribed
         self._nc: Any = None
 
@@ -379,14 +376,11 @@ class NatsSource(threading.Thread):
             fut.set_exception(ConnectionError("NATS connection closed"))
 
     def _note_error(self, exc: BaseException) -> None:
-        self.status.inc("errors")
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        self.status.last_error = text
-        if text != self._last_error_logged:
-            self._last_error_logged = text
-            # Beside ZMQ (event_plane="auto", NATS not asked for) NATS is a
-            # best effort: an absent server is normal there, not a warning.
-            log.log(logging.WARNING if self._report_feed else logging.INFO, "NATS: %s; retrying", text)
+        # Beside ZMQ (event_plane="auto", NATS not asked for) NATS is a best
+        # effort: an absent server is normal there, not a warning.
+        self.note_error(text, log, logging.WARNING if self._report_feed else logging.INFO, None,
+                        f"NATS: {text}; retrying")
 
 
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -1,6 +1,6 @@
 """The ZMQ source thread: Dynamo 1.6's default event plane.
 
-``workermon-zmq`` owns one :class:`~workermon._zmtp.Subscriber` (ZMTP on
+``workermon-zmq`` owns one :class:`~workermon._sources.zmtp.Subscriber` (ZMTP on
 plain sockets, so that one message can never take more memory than its
 limits; see that module).  In direct mode (Dynamo's default) it
 follows the ``kv_metrics`` event channels that the etcd source finds under
@@ -26,12 +26,13 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import attrs
 
-from ._health import Backoff, SourceStatus
-from ._model import ChannelDelete, ChannelListing, ChannelPut
-from ._parse import DEFAULT_MAX_LOAD_BYTES, KV_METRICS, Malformed, parse_zmq_frames
-from ._queue import Backlog, PayloadBatch
-from ._waker import Waker
-from ._zmtp import Subscriber
+from .._health import Backoff, SourceStatus
+from .._model import ChannelDelete, ChannelListing, ChannelPut
+from .._parse import DEFAULT_MAX_LOAD_BYTES, KV_METRICS, Malformed, parse_zmq_frames
+from . import Source
+from .backlog import Backlog, PayloadBatch
+from .._waker import Waker
+from .zmtp import Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class ZmqConfig:
         return re.compile(rb"namespace\." + ns + rb"\.component\." + c + rb"\.endpoint\." + e + rb"\.kv_metrics")
 
 
-class ZmqSource(threading.Thread):
+class ZmqSource(Source):
     """``workermon-zmq``: hands validated ActiveLoad payload batches to ``emit``."""
 
     def __init__(
@@ -103,13 +104,10 @@ class ZmqSource(threading.Thread):
         on_ready: Callable[[], None],
         status: SourceStatus,
     ) -> None:
-        super().__init__(name="workermon-zmq", daemon=True)
+        super().__init__("zmq", stopping, status, backlog)
         self._cfg = cfg
         self._emit = emit
-        self.backlog = backlog
-        self._stopping = stopping
         self._on_ready = on_ready
-        self.status = status
         self._inbox: Deque[object] = deque()
         self._waker = Waker()
         self._channels: Dict[str, ChannelPut] = {}

@@ -17,10 +17,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import attrs
 import grpc
 
-from ._health import Backoff, SourceStatus
-from ._queue import Backlog
-from ._model import CardDelete, CardListing
-from ._parse import DEFAULT_MAX_CARD_BYTES, Malformed, parse_card
+from .._health import Backoff, SourceStatus
+from . import Source
+from .backlog import Backlog
+from .._model import CardDelete, CardListing
+from .._parse import DEFAULT_MAX_CARD_BYTES, Malformed, parse_card
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def card_watch(prefix: str, max_card_bytes: int = DEFAULT_MAX_CARD_BYTES) -> Wat
     )
 
 
-class EtcdSource(threading.Thread):
+class EtcdSource(Source):
     """``workermon-etcd``: lists and watches each :class:`Watched` prefix on one stream.
 
     By default only the cards (``cfg.prefix``); the monitor adds the event
@@ -214,20 +215,16 @@ class EtcdSource(threading.Thread):
         backlog: Optional[Backlog] = None,
         extra: Sequence[Watched] = (),
     ) -> None:
-        super().__init__(name="workermon-etcd", daemon=True)
-        self._cfg = cfg
-        self._put = emit
         # Watch events waiting for the reducer are bounded: past the bound the
         # watch is dropped and, once the reducer caught up, one fresh listing
         # replaces everything that was missed (a listing reconciles).
-        self.backlog = backlog if backlog is not None else Backlog(1 << 62)
-        self._stopping = stopping
-        self.status = status
+        super().__init__("etcd", stopping, status, backlog if backlog is not None else Backlog(1 << 62))
+        self._cfg = cfg
+        self._put = emit
         self.watched: Tuple[Watched, ...] = (card_watch(cfg.prefix, cfg.max_card_bytes),) + tuple(extra)
         self._call_lock = threading.Lock()
         self._call: Any = None
         self._endpoint_index = 0
-        self._last_error_logged: Optional[str] = None
 
     # --- stopping ---------------------------------------------------------------
 
@@ -303,17 +300,13 @@ class EtcdSource(threading.Thread):
         self.status.state = "stopped"
 
     def _recovered(self) -> None:
-        self.status.state = "connected"
-        self.status.last_error = None
-        self._last_error_logged = None
+        self.recovered()
 
     def _note_failure(self, exc: BaseException) -> None:
-        self.status.inc("errors")
         if self.status.state in ("connected", "resyncing"):
             self.status.inc("reconnects")
         self.status.state = "reconnecting" if self.status.counters.get("listings") else "connecting"
         text = _describe(exc)
-        self.status.last_error = text
         url = self._cfg.endpoints[self._endpoint_index]
         if len(self._cfg.endpoints) > 1:
             self._endpoint_index = (self._endpoint_index + 1) % len(self._cfg.endpoints)
@@ -322,13 +315,10 @@ class EtcdSource(threading.Thread):
         ).__module__.startswith("pyetcd")
         if not expected:
             self.status.inc("restarts")
-        # One line per distinct error, not one per retry.
-        if text != self._last_error_logged:
-            self._last_error_logged = text
-            if expected:
-                log.warning("etcd %s: %s; retrying", url, text)
-            else:
-                log.error("etcd source failed unexpectedly; restarting it", exc_info=exc)
+        if expected:
+            self.note_error(text, log, logging.WARNING, None, f"etcd {url}: {text}; retrying")
+        else:
+            self.note_error(text, log, logging.ERROR, exc, "etcd source failed unexpectedly; restarting it")
 
     def _list(self, client: Any) -> int:
         """Read every watched prefix at one revision and emit one listing for each."""
