@@ -152,3 +152,20 @@ def make_monitor(
 
 
 _ids = itertools.count(1)
+
+
+# Fixtures that start a real server (or a process that does): every test using one is an
+# integration test, so `pytest -m "not integration"` runs the pure suite alone.
+_SERVER_FIXTURES = frozenset({
+    "etcd_server", "nats_server", "fresh_etcd", "fresh_nats", "etcd", "publisher", "make_monitor",
+    "workermon_servers", "workermon_fleet", "workermon_monitor", "agent", "agent_at", "shared", "zmon", "zpub",
+    "zworkers", "mtls_etcd", "tls_etcd", "fleet",
+})
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        starts = getattr(item.module, "STARTS_SERVERS", False) if getattr(item, "module", None) else False
+        if names & _SERVER_FIXTURES or starts or item.get_closest_marker("dynamo") or item.get_closest_marker("soak"):
+            item.add_marker(pytest.mark.integration)

@@ -68,6 +68,7 @@ def assert_cleaned_up(resources: List[Tuple[int, str]], servers: int = 2) -> Non
         assert not os.path.exists(directory), directory
 
 
+@pytest.mark.integration
 def test_demo_runs_and_cleans_up() -> None:
     res = run("demo", "--workers", "4", "--duration", "8", "--plain", "--seed", "7")
     assert res.returncode == 0, res.stderr
@@ -78,6 +79,7 @@ def test_demo_runs_and_cleans_up() -> None:
     assert_cleaned_up(started_resources(res.stdout))
 
 
+@pytest.mark.integration
 def test_demo_over_the_zmq_event_plane() -> None:
     res = run("demo", "--workers", "3", "--duration", "6", "--plain", "--seed", "7", "--event-plane", "zmq")
     assert res.returncode == 0, res.stderr
@@ -120,6 +122,7 @@ def test_watch_why_explains_one_worker(etcd_server: EtcdServer, nats_server: Nat
         pub.stop()
 
 
+@pytest.mark.integration
 def test_demo_json_only_changes_on_stdout() -> None:
     res = run("demo", "--workers", "3", "--duration", "5", "--json", "--seed", "3")
     assert res.returncode == 0, res.stderr
@@ -129,6 +132,7 @@ def test_demo_json_only_changes_on_stdout() -> None:
     assert_cleaned_up(started_resources(res.stderr))
 
 
+@pytest.mark.integration
 def test_demo_ctrl_c_cleans_up() -> None:
     proc = subprocess.Popen(CMD + ["demo", "--workers", "2", "--plain"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from workermon.testing import Fleet, replay
 
 from .helpers import SAMPLES
@@ -81,6 +83,7 @@ def _readme_example() -> str:
     return m.group(1)
 
 
+@pytest.mark.integration
 def test_readme_testing_example_runs_as_a_user_would(tmp_path: Path) -> None:
     (tmp_path / "test_my_router.py").write_text(_readme_example())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
@@ -90,6 +93,7 @@ def test_readme_testing_example_runs_as_a_user_would(tmp_path: Path) -> None:
     assert "passed" in res.stdout
 
 
+@pytest.mark.integration
 def test_plugin_changes_nothing_for_a_suite_that_does_not_ask(tmp_path: Path) -> None:
     (tmp_path / "test_plain.py").write_text(
         "import threading\n"
