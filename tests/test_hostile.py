@@ -143,8 +143,8 @@ def _brute_force_busy(s: FleetState) -> set:
             if r is None:
                 verdicts.append(False)
                 continue
-            if r.stale:               # stale_policy="busy": fails closed
-                verdicts.append(True)
+            if r.stale:               # "busy": fails closed; "ignore": kept, but no data
+                verdicts.append(th.stale_policy == "busy")
                 continue
             has, over = False, False
             total = w.card.total_kv_blocks
