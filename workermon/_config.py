@@ -251,3 +251,39 @@ def resolve(
         reconnect=reconnect if reconnect is not None else Reconnect(),
         thresholds=thresholds,
     )
+
+
+def check_name(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value or any(c in value for c in " \t\r\n./*>"):
+        raise ValueError(f"{what} must be a non-empty name without spaces, '.', '/', '*' or '>': {value!r}")
+
+
+def configure(*, etcd_endpoints: Any, nats_servers: Any, namespace: str, busy_threshold: Any, unset: Any,
+              thresholds: Optional[Thresholds], component: Optional[str], endpoint: Optional[str], event_plane: Any,
+              zmq_broker_url: Any, etcd: Optional[EtcdOptions], nats: Optional[NatsOptions], limits: Optional[Limits],
+              reconnect: Optional[Reconnect], deprecated: Mapping[str, Any], environ: Mapping[str, str],
+              from_env: Any) -> MonitorConfig:
+    """``WorkerMonitor(...)``'s arguments checked, old keywords folded in (with their warnings), resolved."""
+    check_name("namespace", namespace)
+    if component is not None:
+        check_name("component", component)
+    if endpoint is not None:
+        check_name("endpoint", endpoint)
+        if component is None:
+            raise ValueError("endpoint narrows a component: give component too")
+    if thresholds is not None and busy_threshold is not unset:
+        raise ValueError("give busy_threshold (a shortcut) or thresholds=Thresholds(...), not both")
+    for name, value, kind in (("thresholds", thresholds, Thresholds), ("etcd", etcd, EtcdOptions),
+                              ("nats", nats, NatsOptions), ("limits", limits, Limits),
+                              ("reconnect", reconnect, Reconnect)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+    if thresholds is None:
+        thresholds = Thresholds() if busy_threshold is unset else Thresholds(busy_threshold=busy_threshold)
+    homes = apply_deprecated(deprecated, {
+        "thresholds": thresholds, "limits": limits or Limits(), "etcd": etcd or EtcdOptions(),
+        "nats": nats or NatsOptions(), "reconnect": reconnect or Reconnect()}, stacklevel=5)
+    return resolve(etcd_endpoints=etcd_endpoints, nats_servers=nats_servers, namespace=namespace, component=component,
+                   endpoint=endpoint, event_plane=event_plane, zmq_broker_url=zmq_broker_url, etcd=homes["etcd"],
+                   nats=homes["nats"], limits=homes["limits"], reconnect=homes["reconnect"],
+                   thresholds=homes["thresholds"], environ=environ, from_env=from_env)

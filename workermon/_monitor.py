@@ -1,10 +1,11 @@
-"""WorkerMonitor: owns the queue, the lock, the reducer thread and the callbacks.
+"""WorkerMonitor: the facade — configuration, lifecycle, reads, picking, callbacks, health.
 
-Data flow: the etcd and NATS source threads put updates on one
-``queue.Queue``; ``workermon-reducer`` drains it in batches, applies them to
-the :class:`~workermon._reduce.FleetState` under an ``RLock``, swaps in an
-immutable snapshot (which readers use without any lock), then calls the
-callbacks outside the lock.
+Data flow: the source threads (:mod:`workermon._sources`) put updates on one
+``queue.Queue``; ``workermon-reducer`` (:mod:`workermon._loop`) drains it in
+batches, applies them to the :class:`~workermon._reduce.FleetState` under an
+``RLock``, swaps in an immutable snapshot (which readers use without any
+lock), then calls the callbacks outside the lock.  This module owns the
+queue, the lock and the threads' lifecycle, and the API routers call.
 """
 
 from __future__ import annotations
@@ -32,16 +33,11 @@ from typing import (
 import attrs
 
 from ._base import EMPTY, BaseMonitor, CallbackHandle, Snapshot, live_monitors, wait_on
-from ._config import MonitorConfig, apply_deprecated, resolve
-from ._sources.etcd import EtcdConfig, EtcdSource, Watched
+from ._config import MonitorConfig, configure
 from ._health import Health, SourceHealth, SourceStatus
+from ._loop import STOP, ReducerLoop
 from ._model import (
     BusyChange,
-    CardDelete,
-    CardListing,
-    CardPut,
-    ChannelDelete,
-    ChannelListing,
     EventPlane,
     Explanation,
     OutagePolicy,
@@ -51,13 +47,12 @@ from ._model import (
     Thresholds,
     WorkerLoadState,
 )
-from ._sources.nats import NatsConfig, NatsSource
-from ._parse import Malformed, parse_channel, parse_load_fields
 from ._picker import Picker, Reservation, Strategy, check_blocks
-from ._sources import Source
-from ._sources.backlog import Backlog, PayloadBatch
 from ._reduce import FleetState
-from ._sources.zmq import ZmqConfig, ZmqSource
+from ._sources import Source, build_sources, source_configs
+from ._sources.etcd import EtcdSource
+from ._sources.nats import NatsSource
+from ._sources.zmq import ZmqSource
 from .options import EtcdOptions, Limits, NatsOptions, Reconnect
 
 log = logging.getLogger(__name__)
@@ -76,12 +71,8 @@ class _FromEnv:
 FROM_ENV: Any = _FromEnv()
 _UNCHANGED: Any = object()
 _UNSET: Any = object()
-_STOP = object()
-_WAKE = object()
-_ETCD_ITEMS = (CardPut, CardDelete, CardListing)
-_MAX_BATCH = 512  # queue items per reducer pass (each NATS item is itself a batch)
 
-class WorkerMonitor(BaseMonitor):
+class WorkerMonitor(ReducerLoop, BaseMonitor):
     """Which Dynamo workers are busy, kept current by three threads.
 
     Create it, register callbacks, :meth:`start` it, then read
@@ -116,77 +107,31 @@ class WorkerMonitor(BaseMonitor):
         _clock: Callable[[], float] = time.monotonic,
         **deprecated: Any,
     ) -> None:
-        _check_name("namespace", namespace)
-        if component is not None:
-            _check_name("component", component)
-        if endpoint is not None:
-            _check_name("endpoint", endpoint)
-            if component is None:
-                raise ValueError("endpoint narrows a component: give component too")
         if not isinstance(overload_hold, (int, float)) or isinstance(overload_hold, bool) or not (
             0 <= overload_hold < float("inf")
         ):
             raise ValueError(f"overload_hold must be a number of seconds >= 0, got {overload_hold!r}")
-        if thresholds is not None and busy_threshold is not _UNSET:
-            raise ValueError("give busy_threshold (a shortcut) or thresholds=Thresholds(...), not both")
-        for name, value, kind in (("thresholds", thresholds, Thresholds), ("etcd", etcd, EtcdOptions),
-                                  ("nats", nats, NatsOptions), ("limits", limits, Limits),
-                                  ("reconnect", reconnect, Reconnect)):
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-        if thresholds is None:
-            thresholds = Thresholds() if busy_threshold is _UNSET else Thresholds(busy_threshold=busy_threshold)
-        homes = apply_deprecated(deprecated, {
-            "thresholds": thresholds, "limits": limits or Limits(), "etcd": etcd or EtcdOptions(),
-            "nats": nats or NatsOptions(), "reconnect": reconnect or Reconnect()})
-        self.config: MonitorConfig = resolve(
-            etcd_endpoints=etcd_endpoints, nats_servers=nats_servers, namespace=namespace, component=component,
-            endpoint=endpoint, event_plane=event_plane, zmq_broker_url=zmq_broker_url, etcd=homes["etcd"],
-            nats=homes["nats"], limits=homes["limits"], reconnect=homes["reconnect"], thresholds=homes["thresholds"],
-            environ=os.environ, from_env=FROM_ENV)
+        self.config: MonitorConfig = configure(
+            etcd_endpoints=etcd_endpoints, nats_servers=nats_servers, namespace=namespace,
+            busy_threshold=busy_threshold, unset=_UNSET, thresholds=thresholds, component=component,
+            endpoint=endpoint, event_plane=event_plane, zmq_broker_url=zmq_broker_url, etcd=etcd, nats=nats,
+            limits=limits, reconnect=reconnect, deprecated=deprecated, environ=os.environ, from_env=FROM_ENV)
         cfg = self.config
-        lim = cfg.limits
         self.namespace = namespace
         self.overload_hold = float(overload_hold)
         self._clock = _clock
-        self._state = FleetState(cfg.thresholds, lim, admission=bool(admission))
-        self._max_load_bytes = lim.max_load_bytes
+        self._state = FleetState(cfg.thresholds, cfg.limits, admission=bool(admission))
+        self._max_load_bytes = cfg.limits.max_load_bytes
         self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl,
                               overloaded=self._mark_overloaded)
-        self._max_queued = lim.max_queued_messages
-        self._max_queued_bytes = lim.max_queued_bytes
         self.event_plane: EventPlane = cfg.event_plane
         self.nats_required = cfg.nats_required
         self.static = cfg.static
         self.card_prefix = cfg.card_prefix
-        self._etcd_cfg: Optional[EtcdConfig] = None
-        self._nats_cfg: Optional[NatsConfig] = None
-        self._zmq_cfg: Optional[ZmqConfig] = None
-        if cfg.zmq:
-            self._zmq_cfg = ZmqConfig(namespace=namespace, component=component, endpoint=endpoint,
-                                      broker=cfg.zmq_broker, max_load_bytes=lim.max_load_bytes)
-        if not self.static:
-            assert cfg.etcd_endpoints is not None
-            e, tls = cfg.etcd, cfg.etcd.tls
-            self._etcd_cfg = EtcdConfig(
-                endpoints=cfg.etcd_endpoints, prefix=cfg.card_prefix,
-                ca_cert=tls.ca if tls else None, cert_key=tls.key if tls else None,
-                cert_cert=tls.cert if tls else None, user=e.user, password=e.password, timeout=e.timeout,
-                max_card_bytes=lim.max_card_bytes, backoff_initial=cfg.reconnect.initial,
-                backoff_cap=cfg.reconnect.cap,
-            )
-            if cfg.nats_servers is not None:
-                n, tls = cfg.nats, cfg.nats.tls
-                auth = n.auth
-                self._nats_cfg = NatsConfig(
-                    servers=cfg.nats_servers, subjects=cfg.subjects,
-                    user=n.user if auth == "user" else None, password=n.password if auth == "user" else None,
-                    token=n.token if auth == "token" else None, nkey=n.nkey if auth == "nkey" else None,
-                    credentials_file=n.credentials if auth == "credentials" else None,
-                    tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None,
-                    tls_key=tls.key if tls else None, pending_msgs_limit=n.pending_msgs_limit,
-                    backoff_initial=cfg.reconnect.initial, backoff_cap=cfg.reconnect.cap,
-                )
+        self._cfgs = source_configs(cfg)
+        self._etcd_cfg = self._cfgs.etcd
+        self._nats_cfg = self._cfgs.nats
+        self._zmq_cfg = self._cfgs.zmq
 
         self._lock = threading.RLock()
         self._callbacks_lock = self._lock  # registration also queues the first call, under the same lock
@@ -242,40 +187,16 @@ class WorkerMonitor(BaseMonitor):
                 self._nats_ready.set()
                 self._zmq_ready.set()
                 return self
-            assert self._etcd_cfg is not None
             self._owner_pid = os.getpid()
             live_monitors.add(self)
+            sources = build_sources(
+                self._cfgs, self._queue.put, self._stopping,
+                {"etcd": self._etcd_status, "nats": self._nats_status, "zmq": self._zmq_status},
+                {"nats": lambda: self._set_ready(self._nats_ready), "zmq": lambda: self._set_ready(self._zmq_ready)},
+                self.config.limits, self.nats_required)
+            self._etcd, self._nats, self._zmq = sources.etcd, sources.nats, sources.zmq
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
-            extra = []
-            if self._zmq_cfg is not None:
-                self._zmq = ZmqSource(
-                    self._zmq_cfg,
-                    self._queue.put,
-                    Backlog(self._max_queued, self._max_queued_bytes),
-                    self._stopping,
-                    lambda: self._set_ready(self._zmq_ready),
-                    self._zmq_status,
-                )
-                if not self._zmq_cfg.broker:
-                    extra.append(self._channel_watch(self._zmq))
-            self._etcd = EtcdSource(
-                self._etcd_cfg, self._queue.put, self._stopping, self._etcd_status, Backlog(self._max_queued), extra
-            )
-            self._threads = [reducer, self._etcd]
-            if self._zmq is not None:
-                self._threads.append(self._zmq)
-            if self._nats_cfg is not None:
-                self._nats = NatsSource(
-                    self._nats_cfg,
-                    self._queue.put,
-                    Backlog(self._max_queued, self._max_queued_bytes),
-                    self._stopping,
-                    lambda: self._set_ready(self._nats_ready),
-                    self._nats_status,
-                    self._max_load_bytes,
-                    report_feed=self.nats_required,
-                )
-                self._threads.append(self._nats)
+            self._threads = [reducer, *sources.all()]
             for thread in self._threads:
                 thread.start()
         return self
@@ -299,7 +220,7 @@ class WorkerMonitor(BaseMonitor):
             self._changed.notify_all()
         deadline = time.monotonic() + max(0.0, timeout)
         # One sentinel, put last: the reducer applies what came before it.
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         for source in self._sources():
             source.wake(deadline)
         me = threading.current_thread()
@@ -646,186 +567,8 @@ class WorkerMonitor(BaseMonitor):
                 self._wake_reducer()
         return handle
 
-    # --- the reducer thread ---------------------------------------------------
-
     def _sources(self) -> List[Any]:
         return [s for s in (self._etcd, self._nats, self._zmq) if s is not None]
-
-    def _payload_sources(self) -> List[Any]:
-        return [s for s in (self._nats, self._zmq) if s is not None]
-
-    def _channel_watch(self, zmq_source: ZmqSource) -> Watched:
-        """The kv_metrics event channels under the namespace, for the ZMQ source."""
-        cfg = self._etcd_cfg
-        assert cfg is not None and self._zmq_cfg is not None
-        return Watched(
-            name="channel",
-            prefix=self.config.channel_prefix,
-            parse=lambda k, v, lease, _created: parse_channel(k, v, lease, cfg.max_card_bytes),
-            delete=lambda key: ChannelDelete(key=key),
-            listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
-            emit=zmq_source.channel_update,
-            backlogged=False,
-        )
-
-    def _wake_reducer(self) -> None:
-        # At most one wake-up waits in the queue, however many threads call
-        # set_thresholds()/on_busy_change(); none once stopped.
-        if (
-            self._started
-            and not self.static
-            and not self._stopping.is_set()
-            and not self._wake_pending
-            and threading.current_thread() is not self._threads[0]
-        ):
-            self._wake_pending = True
-            self._queue.put(_WAKE)
-
-    def _run_reducer(self) -> None:
-        while True:
-            try:
-                if self._reduce_once():
-                    break
-            except Exception:  # noqa: BLE001 - the reducer must never die silently
-                self._state.counters.inc("reducer_errors")
-                log.exception("workermon reducer failed on a batch; continuing")
-                if self._stopping.is_set():
-                    break
-        log.debug("workermon reducer stopped")
-
-    def _reduce_once(self) -> bool:
-        """Apply one batch; True when the thread should end."""
-        q = self._queue
-        with self._lock:
-            deadline = self._state.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - self._clock())
-        items: List[object] = []
-        try:
-            items.append(q.get(timeout=timeout))
-        except queue.Empty:
-            pass
-        while len(items) < _MAX_BATCH:
-            try:
-                items.append(q.get_nowait())
-            except queue.Empty:
-                break
-        stop = False
-        listed = False
-        with self._lock:
-            now = self._clock()
-            state = self._state
-            for item in items:
-                if item is _STOP:
-                    stop = True
-                    break
-                if item is _WAKE:
-                    self._wake_pending = False
-                    continue
-                try:
-                    if type(item) is PayloadBatch:
-                        self._apply_loads(item, now)
-                    else:
-                        try:
-                            state.apply(item, now)
-                        finally:
-                            if isinstance(item, _ETCD_ITEMS) and self._etcd is not None:
-                                self._etcd.backlog.note_applied(1)
-                        if isinstance(item, CardListing):
-                            listed = True
-                except Exception:  # noqa: BLE001 - one bad update must not cost the others
-                    state.counters.inc("reducer_errors")
-                    log.exception("workermon reducer failed on %s; continuing", type(item).__name__)
-            try:
-                state.expire(now)
-            except Exception:  # noqa: BLE001
-                state.counters.inc("reducer_errors")
-                log.exception("workermon reducer failed while expiring state; continuing")
-            self._publish_locked()
-        first_listing = listed and not self._etcd_ready.is_set()
-        with self._changed:
-            if listed:
-                self._etcd_ready.set()
-            self._changed.notify_all()
-        if first_listing:
-            self._notify_listeners()
-        if stop:
-            return True
-        # Once stop() is called no callback runs, but everything queued
-        # before the sentinel is still applied (bounded by the backlogs).
-        if not self._stopping.is_set():
-            self._deliver()
-        return False
-
-    def _apply_loads(self, batch: PayloadBatch, now: float) -> None:
-        state = self._state
-        apply = state.apply_load_fields
-        limit = self._max_load_bytes
-        bare = batch.bare
-        applied = 0
-        try:
-            for raw in batch:
-                try:
-                    wid, rank, kv, decode, prefill, revision = parse_load_fields(raw, limit, bare)
-                except Malformed as exc:
-                    state.counters.inc("malformed_load")
-                    state.counters.inc(f"malformed_load_{exc.reason}")
-                    if exc.reason not in self._warned_reasons:
-                        self._warned_reasons.add(exc.reason)
-                        log.warning("dropping malformed load report (%s); further ones are only counted", exc)
-                    continue
-                applied += apply(wid, rank, kv, decode, prefill, revision, now)
-        finally:
-            state.counters.inc("load_reports", applied)
-            batch.backlog.note_applied(len(batch), batch.nbytes)
-
-    def _publish_locked(self) -> None:
-        """Swap in a new snapshot and queue the change for the callbacks."""
-        state = self._state
-        change = state.commit()
-        membership = state.take_membership_changed()
-        if change is None and not membership:
-            return
-        old = self._snapshot
-        busy = change.busy if change is not None else old.busy
-        # Rebuilding the member set is O(fleet): only when membership changed.
-        members = state.members if membership else old.members
-        self._snapshot = Snapshot(busy, members, state.version)
-        if change is not None:
-            self._outbox.append((change, self._callbacks))
-        self._notify_listeners()
-
-    def _deliver(self) -> None:
-        # The reducer thread delivers in version order.  In static mode the
-        # registering thread delivers: one thread at a time, and a callback
-        # that registers another leaves it to the loop already running.
-        if not self.static:
-            self._drain_outbox()
-            return
-        me = threading.get_ident()
-        if self._delivering == me:
-            return
-        with self._deliver_lock:
-            self._delivering = me
-            try:
-                self._drain_outbox()
-            finally:
-                self._delivering = None
-
-    def _drain_outbox(self) -> None:
-        outbox = self._outbox
-        while outbox:
-            try:
-                change, targets = outbox.popleft()
-            except IndexError:
-                return
-            for handle in targets:
-                if handle.cancelled or self._stopping.is_set():
-                    continue
-                try:
-                    handle.callback(change)
-                except Exception:  # noqa: BLE001 - isolate each callback
-                    self._callback_errors += 1
-                    log.exception("workermon callback %r raised; the others still run", handle)
 
     # --- fork ---------------------------------------------------------------
 
@@ -836,8 +579,3 @@ class WorkerMonitor(BaseMonitor):
             f"<WorkerMonitor {mode} namespace={self.namespace!r} members={len(self._snapshot.members)} "
             f"busy={len(self._snapshot.busy)} version={self._snapshot.version}>"
         )
-
-
-def _check_name(what: str, value: str) -> None:
-    if not isinstance(value, str) or not value or any(c in value for c in " \t\r\n./*>"):
-        raise ValueError(f"{what} must be a non-empty name without spaces, '.', '/', '*' or '>': {value!r}")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import attrs
 
 from .._health import SourceHealth, SourceStatus
 from .backlog import Backlog
 
-__all__ = ["Source"]
+__all__ = ["Source", "SourceConfigs", "Sources", "build_sources", "source_configs"]
 
 
 class Source(threading.Thread):
@@ -58,3 +58,101 @@ class Source(threading.Thread):
         self.status.state = "connected"
         self.status.last_error = None
         self._last_error_logged = None
+
+
+@attrs.frozen
+class SourceConfigs:
+    """Each source's own configuration, derived from a resolved ``MonitorConfig`` (None: not used)."""
+
+    etcd: Optional[Any]
+    nats: Optional[Any]
+    zmq: Optional[Any]
+
+
+def source_configs(cfg: Any) -> SourceConfigs:
+    """What each source needs of a resolved :class:`~workermon._config.MonitorConfig`."""
+    from .etcd import EtcdConfig
+    from .nats import NatsConfig
+    from .zmq import ZmqConfig
+
+    lim = cfg.limits
+    zmq = None
+    if cfg.zmq:
+        zmq = ZmqConfig(namespace=cfg.namespace, component=cfg.component, endpoint=cfg.endpoint,
+                        broker=cfg.zmq_broker, max_load_bytes=lim.max_load_bytes)
+    if cfg.static:
+        return SourceConfigs(None, None, zmq)
+    e, tls = cfg.etcd, cfg.etcd.tls
+    etcd = EtcdConfig(
+        endpoints=cfg.etcd_endpoints, prefix=cfg.card_prefix,
+        ca_cert=tls.ca if tls else None, cert_key=tls.key if tls else None, cert_cert=tls.cert if tls else None,
+        user=e.user, password=e.password, timeout=e.timeout, max_card_bytes=lim.max_card_bytes,
+        backoff_initial=cfg.reconnect.initial, backoff_cap=cfg.reconnect.cap,
+    )
+    nats = None
+    if cfg.nats_servers is not None:
+        n, tls = cfg.nats, cfg.nats.tls
+        auth = n.auth  # one way, in Dynamo's order
+        nats = NatsConfig(
+            servers=cfg.nats_servers, subjects=cfg.subjects,
+            user=n.user if auth == "user" else None, password=n.password if auth == "user" else None,
+            token=n.token if auth == "token" else None, nkey=n.nkey if auth == "nkey" else None,
+            credentials_file=n.credentials if auth == "credentials" else None,
+            tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
+            pending_msgs_limit=n.pending_msgs_limit, backoff_initial=cfg.reconnect.initial,
+            backoff_cap=cfg.reconnect.cap,
+        )
+    return SourceConfigs(etcd, nats, zmq)
+
+
+@attrs.frozen
+class Sources:
+    """The source threads of one monitor (not started)."""
+
+    etcd: Any
+    nats: Optional[Any]
+    zmq: Optional[Any]
+
+    def all(self) -> Tuple[Source, ...]:
+        return tuple(s for s in (self.etcd, self.nats, self.zmq) if s is not None)
+
+
+def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: threading.Event,
+                  statuses: Dict[str, SourceStatus], on_ready: Dict[str, Callable[[], None]], limits: Any,
+                  nats_required: bool) -> Sources:
+    """Make the source threads for one monitor: each hands its updates to ``put`` through a backlog of its own.
+
+    With the ZMQ plane in direct mode the etcd source also lists and watches
+    the ``kv_metrics`` event channels, which it hands to the ZMQ source.
+    """
+    from .._model import ChannelDelete, ChannelListing
+    from .._parse import parse_channel
+    from .etcd import EtcdSource, Watched
+    from .nats import NatsSource
+    from .zmq import ZmqSource
+    from .._parse import channel_prefix
+
+    assert cfgs.etcd is not None
+    extra = []
+    zmq = None
+    if cfgs.zmq is not None:
+        z = cfgs.zmq
+        zmq = ZmqSource(z, put, Backlog(limits.max_queued_messages, limits.max_queued_bytes), stopping,
+                        on_ready["zmq"], statuses["zmq"])
+        if not z.broker:
+            max_bytes = cfgs.etcd.max_card_bytes
+            extra.append(Watched(
+                name="channel",
+                prefix=channel_prefix(z.namespace, z.component, z.endpoint),
+                parse=lambda k, v, lease, _created: parse_channel(k, v, lease, max_bytes),
+                delete=lambda key: ChannelDelete(key=key),
+                listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
+                emit=zmq.channel_update,
+                backlogged=False,
+            ))
+    etcd = EtcdSource(cfgs.etcd, put, stopping, statuses["etcd"], Backlog(limits.max_queued_messages), extra)
+    nats = None
+    if cfgs.nats is not None:
+        nats = NatsSource(cfgs.nats, put, Backlog(limits.max_queued_messages, limits.max_queued_bytes), stopping,
+                          on_ready["nats"], statuses["nats"], limits.max_load_bytes, report_feed=nats_required)
+    return Sources(etcd, nats, zmq)
