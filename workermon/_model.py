@@ -197,7 +197,7 @@ class LoadReport:
 
 @attrs.frozen
 class Thresholds:
-    """The busy rule's settings; see SPEC §2.  Validated on construction."""
+    """The busy rule's settings (see the README's *The busy rule*).  Validated on construction."""
 
     busy_threshold: Optional[float] = 0.9
     recover_threshold: Optional[float] = None

@@ -6,7 +6,7 @@ state between calls, so the functions are safe on any thread.
 
 Decoding uses msgspec typed structs: they reject ``true``, ``5.0`` or ``"5"``
 where an integer is required while decoding, at the lowest cost measured
-(see ``shared/INGEST.md``), and skip unknown fields without building them.
+(measured: ``python -m bench`` compares it with orjson and json), and skip unknown fields without building them.
 """
 
 from __future__ import annotations

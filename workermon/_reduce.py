@@ -240,7 +240,7 @@ class FleetState(FleetViews):
         self.counters.inc("listings")
         listed = {put.key for put in listing.cards}
         # A key whose current value is malformed keeps its previous valid
-        # card, as on the watch (SPEC §1.1).
+        # card, as on the watch.
         listed.update(listing.malformed_keys)
         kept = sum(1 for k in listing.malformed_keys if k in self._key_owner)
         if kept:

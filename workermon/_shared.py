@@ -139,6 +139,10 @@ class SharedMonitor(BaseMonitor):
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self) -> "SharedMonitor":
+        """Start the connection thread and return at once (see :meth:`wait_ready`).
+
+        RuntimeError if already started or stopped, or used across a fork.  Any thread.
+        """
         with self._lifecycle:
             self._check_fork()
             if self._started or self._stopped:
@@ -151,7 +155,10 @@ class SharedMonitor(BaseMonitor):
         return self
 
     def stop(self, timeout: float = 5.0) -> bool:
-        """Close the connection and join the thread, within ``timeout`` whatever the agent does."""
+        """Close the connection and join the thread, within ``timeout`` whatever the agent does.
+
+        Idempotent; any thread, including a callback (which is not joined).  True when the thread ended.
+        """
         with self._lifecycle:
             self._stopped = True
             self._stopping.set()
@@ -168,7 +175,7 @@ class SharedMonitor(BaseMonitor):
 
     @property
     def ready(self) -> bool:
-        """Connected to an agent that answers and whose monitor is ready."""
+        """Connected to an agent that answers and whose monitor is ready.  Lock-free; any thread."""
         return self._connected and self._agent_ready and not self._hung and not self._stopping.is_set()
 
     # --- picking: in this process, from the shared memory ------------------------------
@@ -203,7 +210,7 @@ class SharedMonitor(BaseMonitor):
         return set(exclude) | set(self._local_holds)
 
     def in_flight(self, worker_id: int) -> int:
-        """Reservations this process holds on ``worker_id`` (every process's bookings: ``why()``)."""
+        """Reservations this process holds on ``worker_id`` (every process's bookings: ``why()``).  Any thread."""
         worker_id = _check_id(worker_id)
         return self._picker.in_flight(worker_id + (1 << 64) if worker_id < 0 else worker_id)
 
@@ -233,7 +240,8 @@ class SharedMonitor(BaseMonitor):
         return Explanation(**value)
 
     def load_states(self) -> Dict[int, WorkerLoadState]:
-        """Every member's state from the agent (a few MB at 10,000 workers).  Any thread."""
+        """Every member's state from the agent (a few MB at 10,000 workers), within ``request_timeout``
+        (else ``AgentUnavailable``).  Any thread but a callback."""
         value = self._require({"t": "load_states"})
         return {int(wid): _load_state(st) for wid, st in value.items()}
 
@@ -248,7 +256,7 @@ class SharedMonitor(BaseMonitor):
 
     @property
     def thresholds(self) -> Thresholds:
-        """The agent's monitor's rule (a request to the agent)."""
+        """The agent's monitor's rule (a request to the agent, bounded by ``request_timeout``).  Any thread."""
         return Thresholds(**self._require({"t": "thresholds"}))
 
     def health(self) -> Health:

@@ -338,11 +338,13 @@ class EtcdSource(Source):
                 self.status.inc("resyncs")
                 log.info("etcd compacted the prefix while it was being listed; listing again")
         self._track(None)
-        for watched, items, malformed in listings:
-            self._emit(watched, watched.listing(tuple(items), revision, tuple(malformed)))
+        # Recovered before the listing is handed over: whoever sees it applied
+        # (wait_ready(), health()) also sees the source connected, its error cleared.
         self.status.inc("listings")
         self.status.event()
         self._recovered()
+        for watched, items, malformed in listings:
+            self._emit(watched, watched.listing(tuple(items), revision, tuple(malformed)))
         return revision
 
     def _list_pages(self, client: Any, watched: Watched, revision: int) -> Tuple[List[Any], List[str], int]:

@@ -4,7 +4,7 @@
 message callback does as little as possible — it appends the raw payload to a
 list — and one ``call_soon`` per loop turn hands the whole list to the reducer
 as a single queue item.  Decoding happens in batches on the reducer thread
-(measured in ``shared/INGEST.md``: nats-py's own parsing is ~70 % of the cost,
+(measured: nats-py's own parsing is ~60-70 % of the cost of a message,
 so per-message work on the loop thread is what limits the rate).
 """
 

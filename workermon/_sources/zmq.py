@@ -303,7 +303,7 @@ class ZmqSource(Source):
                     seen.popitem(last=False)
             elif publisher_id not in publishers:
                 # Dynamo's frontend counts a report for a known worker whatever
-                # its publisher (DYNAMO-1.6 §2): counted, and applied.
+                # its publisher (measured on 1.6.1): counted, and applied.
                 status.inc("unknown_publisher")
             batch.append(payload)
             nbytes += len(payload)
