@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from workermon import BusyChange, WorkerMonitor
 from workermon._model import Card, CardPut
-from workermon._queue import Backlog, PayloadBatch
+from workermon._sources.backlog import Backlog, PayloadBatch
 from workermon._reduce import FleetState
 from workermon._servers import EtcdServer, NatsServer
 
@@ -652,19 +652,21 @@ How each figure is measured:
   current (a marker message after the burst is visible in `load_state`).
 - **ingest over ZMQ**: the same, from a separate process that registers a `kv_metrics` event channel in
   etcd and sends Dynamo 1.6's real 4-frame messages (ActiveLoad msgpack in the envelope, ~180 B) from its
-  own socket; the monitor runs with `event_plane="zmq"` and nothing but etcd. Most of the cost per message
-  is pyzmq's receive of four frames (~2.5 µs per frame with the reducer contending for the GIL); the frame
-  and envelope checks cost ~1.7 µs and the payload decode ~0.55 µs.
+  own socket; the monitor runs with `event_plane="zmq"` and nothing but etcd. It reads the ZMTP frames
+  itself on a plain socket (so one message's memory is bounded: README, `max_load_bytes`); the frame and
+  envelope checks cost ~1.7 µs and the payload decode ~0.55 µs per message.
 - **latency**: a paced publisher (5,000 msg/s over 1,000 workers) alternates each worker between 950
   and 10 blocks, so every message flips a worker; each callback is matched to the send time of the
   message that caused it. The ZMQ row does the same over the 1.6 frames.
 - **gunicorn + agent** (`bench/host.py`): gunicorn with 4 sync workers runs a WSGI app that answers each
-  request after `reserve()`/`release()`; a load generator (8 threads, a new connection per request)
-  drives it for 8 s while a separate publisher sends 20,000 LoadEvents/s over 200 workers. Configurations
-  in turn: a constant worker (no monitor), one `WorkerMonitor` per gunicorn process, one `workermon agent`
-  + `SharedMonitor`. "CPU spent on monitoring" is the processes' CPU (workers + agent, from /proc) beyond
-  what the no-monitor run spent per request, per second. Propagation: a `SharedMonitor` in another
-  process timestamps each busy-set change against the agent's own callback (200 flips).
+  request after `reserve()`/`release()`; a raw-socket load generator (8 threads, one request per
+  connection: an `http.client` loop capped the baseline) drives it for 8 s while a separate publisher
+  sends LoadEvents over 200 workers. Side by side: no monitor; `workermon agent` + `SharedMonitor` at
+  2,000 and at 20,000 reports/s; one `WorkerMonitor` per gunicorn process at 20,000. In client processes:
+  `reserve()+release()` timed 20,000 times at 10 and 10,000 workers; a booking of the only worker's whole
+  room in one process, until another process's spinning `select()` sees it (from before the booking
+  call: an upper bound); and a busy-set change in the agent's monitor until a `SharedMonitor` in another
+  process applies it (200 flips).
 - **per-event cost**: the reducer's own code path in one thread (decode, apply under the lock,
   commit, snapshot swap), in batches of 256, against the seed's shape (scan every worker per event).
 - **reads**: `timeit` of `is_busy()` / `busy_workers()` on a monitor whose snapshot holds the fleet.
@@ -672,10 +674,10 @@ How each figure is measured:
 - **memory**: `tracemalloc` of the reducer state for 10,000 workers, each with a card and a report.
 
 Targets not reached, and why:
-- **Ingest ≥ 2.0× the naive subscriber.** workermon applies ~125–135k msg/s here, above the best
-  design measured in `shared/INGEST.md` (82–87k/s) and at the practical ceiling of nats-py's public
-  API; but the naive subscriber measured side by side on this machine reaches ~75k/s, not the ~35k/s
-  that INGEST.md recorded, so the ratio is ~1.7–1.8×. py-spy shows ~60 % of the busy time in nats-py's
+- **Ingest ≥ 2.0× the naive subscriber.** workermon applies well above the best design recorded
+  for this task (82–87k msg/s) and at the practical ceiling of nats-py's public API; but the naive
+  subscriber measured side by side on this machine is about twice as fast as that record says, so
+  the ratio is ~1.7×. py-spy shows ~60 % of the busy time in nats-py's
   own parsing, `Msg` objects and asyncio plumbing on the loop thread; what workermon does per message
   there is one list append. The reducer's share was cut from ~3.5 to ~1.6 µs per message (plain tuples
   instead of a value object per message, the free set derived lazily, the member set rebuilt only on
@@ -683,18 +685,17 @@ Targets not reached, and why:
 - **Rate at 10,000 workers ≥ 0.9× the rate at 10.** The work per event is constant (one worker is
   re-evaluated; there is no scan), but at 10,000 workers each event touches a different worker's
   objects, so memory latency adds ~0.3 µs per event (~0.85×); at 1,000 workers it is ~0.93×.
-- **gunicorn + agent: requests/s ≥ 0.9× no monitor; monitoring CPU ≤ 0.3× per-process.** Not reached
-  on this 2-core machine: the agent configuration serves 1.2–1.8× the per-process one but 0.47–0.80×
-  the constant worker across runs (the ingest-while-reserving row likewise moves around its target,
-  0.87–0.92×). Everything shares two cores (4 gunicorn workers, the load generator's threads, the
-  publisher at 20,000 reports/s and the agent), and each `reserve()` is a round trip to the agent,
-  whose one process also ingests the 20,000 reports/s; with Python's default 5 ms GIL switch interval
-  that round trip waited on the ingest threads (297 req/s), so the agent runs with a 0.2 ms interval
-  (~500–750 req/s). The per-process configuration is CPU-starved here (four monitors cannot each keep
-  up with 20,000 reports/s on two cores), which caps the CPU it can spend and makes the CPU ratio
-  (0.5–0.9×) an underestimate of the saving. What would close the gap (not built): picking inside the
-  client from shared-memory load figures, booking asynchronously, so that the request path never waits
-  on another process. The busy-set propagation target (p99 ≤ 5 ms) is met with a wide margin.
+- **gunicorn + agent: requests/s ≥ 0.90× no monitor at 2,000 reports/s, ≥ 0.80× at 20,000.** Not
+  reached on this 2-core machine (0.53–0.79× and 0.35–0.45× across two runs the same day), although nothing on the request path waits on
+  another process any more: clients pick and book in the agent's shared memory (`reserve()+release()`
+  p99 ~25 µs in a client, flat to 10,000 workers; a booking is seen by another process within ~0.3 ms).
+  gunicorn and the load generator already use both cores in the no-monitor run, so every cycle the
+  agent spends comes off the requests. Profiled (py-spy, GIL-holding samples), the agent's own socket
+  and shared-memory threads are ~4 % of its CPU; the rest is the monitor's ingest, ~0.3 core at
+  2,000 reports/s (one wake-up of the NATS loop and of the reducer per report at low rates) and ~0.6
+  at 20,000 — work the per-process configuration does four times (0.2×). Closing the gap means a
+  cheaper ingest path at low rates (coalescing wake-ups costs latency, whose p99 is already near its
+  5 ms target), not a different agent.
 """
 
 

@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from bench.publisher import BASE, paced, value_for
-from workermon._etcd import EtcdConfig, make_client
+from workermon._sources.etcd import EtcdConfig, make_client
 from workermon._parse import KV_METRICS, channel_prefix
 
 MARKER = 424242

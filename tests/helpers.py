@@ -8,7 +8,11 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from workermon import WorkerMonitor
 from workermon._sources.etcd import EtcdConfig, make_client
+
+# A fixture that makes (and later stops) monitors: make_monitor, zmon.
+Make = Callable[..., WorkerMonitor]
 
 # Real traffic captured from Dynamo 0.5.1 → 1.6.1 (a copy of shared/dynamo-samples).
 SAMPLES = Path(os.environ.get("WORKERMON_SAMPLES", Path(__file__).resolve().parent / "data" / "dynamo-samples"))

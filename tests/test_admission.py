@@ -4,7 +4,7 @@ the frontend's memory of a 529, in the pure reducer and against real etcd + NATS
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import pytest
 
@@ -14,9 +14,8 @@ from workermon._parse import parse_card
 from workermon._reduce import FleetState, apply_all
 
 from .conftest import Changes
-from .helpers import RawNatsPublisher, active_load, card_key
+from .helpers import Make, RawNatsPublisher, active_load, card_key
 
-Make = Callable[..., WorkerMonitor]
 A, B, C, D = 0xA1, 0xB2, 0xC3, 0xD4
 
 

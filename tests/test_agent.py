@@ -26,10 +26,9 @@ from workermon._protocol import FrameReader, encode_frame
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .conftest import Changes
-from .helpers import card_json, card_key, wait_until
+from .helpers import Make, card_json, card_key, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-Make = Callable[..., WorkerMonitor]
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
-from workermon import SharedMonitor, WorkerMonitor, WorkerPublisher
+from workermon import SharedMonitor, WorkerPublisher
 from workermon._agent import Agent
 from workermon._servers import EtcdServer, free_port
 
 from .conftest import Changes
-from .helpers import card_json, card_key, etcd_client
+from .helpers import Make, card_json, card_key, etcd_client
 
-Make = Callable[..., WorkerMonitor]
 
 
 @pytest.fixture

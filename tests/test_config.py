@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 
@@ -18,7 +18,6 @@ from workermon import (TLS, EtcdOptions, Limits, NatsOptions, Reconnect, SharedM
 from workermon._config import DEPRECATED, etcd_from_env, nats_from_env
 from workermon._servers import EtcdServer, NatsServer
 
-from .certs import make_certs
 from .helpers import card_json, card_key
 from .test_security import SECRET, _etcdctl
 
@@ -138,45 +137,30 @@ def test_unknown_keyword_is_a_type_error() -> None:
 
 # --- secured planes from Dynamo's environment, against real servers ----------------------------
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture
-def mtls_etcd(certs: Dict[str, str]) -> Iterator[EtcdServer]:
-    server = EtcdServer(scheme="https", extra_args=[
-        "--cert-file", certs["server"], "--key-file", certs["server_key"],
-        "--trusted-ca-file", certs["ca"], "--client-cert-auth"])
-    server.start()
-    yield server
-    server.close()
-
-
 def _etcd_env(certs: Dict[str, str]) -> Dict[str, str]:
     return {"ETCD_AUTH_CA": certs["ca"], "ETCD_AUTH_CLIENT_CERT": certs["client"],
             "ETCD_AUTH_CLIENT_KEY": certs["client_key"]}
 
 
 def test_mutual_tls_etcd_from_the_environment_alone_and_from_options(
-        mtls_etcd: EtcdServer, certs: Dict[str, str], namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    _etcdctl(mtls_etcd.url, "--cacert", certs["ca"], "--cert", certs["client"], "--key", certs["client_key"],
+        tls_etcd: EtcdServer, certs: Dict[str, str], namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _etcdctl(tls_etcd.url, "--cacert", certs["ca"], "--cert", certs["client"], "--key", certs["client_key"],
              "put", card_key(namespace, 0xE5), card_json(10))
     monkeypatch.delenv("NATS_SERVER", raising=False)
     for name, value in _etcd_env(certs).items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("ETCD_ENDPOINTS", mtls_etcd.url)
+    monkeypatch.setenv("ETCD_ENDPOINTS", tls_etcd.url)
     with WorkerMonitor(namespace=namespace, event_plane="zmq") as mon:  # nothing but Dynamo's variables
         assert mon.wait_ready(10) and mon.members() == {0xE5}
     for name in _etcd_env(certs):
         monkeypatch.delenv(name)
     opts = EtcdOptions(tls=TLS(ca=certs["ca"], cert=certs["client"], key=certs["client_key"]))
-    with WorkerMonitor([mtls_etcd.url], namespace=namespace, event_plane="zmq", etcd=opts) as mon:
+    with WorkerMonitor([tls_etcd.url], namespace=namespace, event_plane="zmq", etcd=opts) as mon:
         assert mon.wait_ready(10) and mon.members() == {0xE5}
     # The publisher reads the same variables, as a Dynamo worker does.
     for name, value in _etcd_env(certs).items():
         monkeypatch.setenv(name, value)
-    pub = WorkerPublisher([mtls_etcd.url], namespace=namespace, event_plane="zmq", total_kv_blocks=10).start()
+    pub = WorkerPublisher([tls_etcd.url], namespace=namespace, event_plane="zmq", total_kv_blocks=10).start()
     try:
         with WorkerMonitor(namespace=namespace, event_plane="zmq") as mon:
             assert mon.wait_ready(10) and mon.wait_for(lambda: pub.worker_id in mon.members(), 10)
@@ -185,15 +169,15 @@ def test_mutual_tls_etcd_from_the_environment_alone_and_from_options(
 
 
 @pytest.mark.parametrize("how", ["environment", "flags"])
-def test_agent_reaches_mutual_tls_etcd(mtls_etcd: EtcdServer, certs: Dict[str, str], namespace: str,
+def test_agent_reaches_mutual_tls_etcd(tls_etcd: EtcdServer, certs: Dict[str, str], namespace: str,
                                        how: str) -> None:
-    _etcdctl(mtls_etcd.url, "--cacert", certs["ca"], "--cert", certs["client"], "--key", certs["client_key"],
+    _etcdctl(tls_etcd.url, "--cacert", certs["ca"], "--cert", certs["client"], "--key", certs["client_key"],
              "put", card_key(namespace, 0xE6), card_json(10))
     d = tempfile.mkdtemp(prefix="wm-cfg-")
     os.chmod(d, 0o700)
     sock = os.path.join(d, "agent.sock")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "NATS_"))}
-    cmd = [sys.executable, "-m", "workermon", "agent", "--etcd", mtls_etcd.url, "--namespace", namespace,
+    cmd = [sys.executable, "-m", "workermon", "agent", "--etcd", tls_etcd.url, "--namespace", namespace,
            "--event-plane", "zmq", "--socket", sock]
     if how == "environment":
         env.update(_etcd_env(certs))

@@ -7,17 +7,16 @@ import http.client
 import http.server
 import json
 import threading
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
-from workermon import WorkerMonitor, WorkerPublisher
+from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer
 
-from .helpers import wait_until
+from .helpers import Make, wait_until
 
-Make = Callable[..., WorkerMonitor]
 
 
 class Upstream:

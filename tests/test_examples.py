@@ -13,19 +13,18 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from workermon import WorkerMonitor
+
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 
-from .helpers import retry_pause
+from .helpers import Make, retry_pause
 from .test_cli import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
-Make = Callable[..., WorkerMonitor]
 
 
 class Backend:

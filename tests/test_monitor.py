@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import threading
 import tracemalloc
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from workermon import BusyChange, WorkerLoadState, WorkerMonitor
 
 from .conftest import Changes
-from .helpers import RawNatsPublisher, active_load, card_json, card_key, load_event
+from .helpers import Make, RawNatsPublisher, active_load, card_json, card_key, load_event
 
-Make = Callable[..., WorkerMonitor]
 
 
 def subject(ns: str) -> str:

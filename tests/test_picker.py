@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
-from workermon import Reservation, WorkerMonitor
+from workermon import Reservation
 from workermon._model import Card, CardPut, LoadReport, Thresholds
 from workermon._picker import Picker
 from workermon._reduce import FleetState, apply_all
 
-from .helpers import RawNatsPublisher, active_load, card_json, card_key
+from .helpers import Make, RawNatsPublisher, active_load, card_json, card_key
 
 A, B, C, D = 0xA1, 0xB2, 0xC3, 0xD4
 
@@ -228,7 +228,6 @@ def test_why_rank_without_report() -> None:
 
 # --- against a real monitor -----------------------------------------------------------------
 
-Make = Callable[..., WorkerMonitor]
 
 
 def test_64_threads_never_overbook(make_monitor: Make, etcd: Any, namespace: str) -> None:

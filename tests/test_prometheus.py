@@ -13,18 +13,17 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from workermon import WorkerMonitor, WorkerPublisher
+from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 from workermon.prometheus import serve
 
-from .helpers import retry_pause
+from .helpers import Make, retry_pause
 
-Make = Callable[..., WorkerMonitor]
 
 
 def scrape(port: int) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import queue
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import attrs
 import pytest
 
-from workermon import WorkerMonitor
+
 from workermon._model import Card
 from workermon._parse import parse_card, parse_load
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer
 
 from .conftest import Changes
-from .helpers import RawNatsSubscriber, read_samples, sample_bytes
+from .helpers import Make, RawNatsSubscriber, read_samples, sample_bytes
 
-Make = Callable[..., WorkerMonitor]
 
 
 def shape(value: Any) -> Any:

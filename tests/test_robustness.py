@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, List
+from typing import Any, List
 
 import pytest
 
@@ -13,9 +13,8 @@ from workermon import BusyChange, WorkerMonitor
 from workermon._servers import EtcdServer, NatsServer
 
 from .conftest import Changes
-from .helpers import RawNatsPublisher, active_load, card_json, card_key
+from .helpers import Make, RawNatsPublisher, active_load, card_json, card_key
 
-Make = Callable[..., WorkerMonitor]
 
 
 def subject(ns: str) -> str:

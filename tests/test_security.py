@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 
@@ -13,15 +13,9 @@ from workermon import WorkerMonitor
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, find_etcd
 
-from .certs import make_certs
 from .helpers import card_json, card_key
 
 SECRET = "s3cr3t-Pa55"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _no_secret(mon: WorkerMonitor, caplog: pytest.LogCaptureFixture) -> None:
@@ -33,16 +27,6 @@ def _no_secret(mon: WorkerMonitor, caplog: pytest.LogCaptureFixture) -> None:
 def _etcdctl(url: str, *args: str, **kw: Any) -> None:
     etcdctl = os.path.join(os.path.dirname(find_etcd()), "etcdctl")
     subprocess.run([etcdctl, "--endpoints", url, *args], check=True, capture_output=True, timeout=30, **kw)
-
-
-@pytest.fixture
-def tls_etcd(certs: Dict[str, str]) -> Iterator[EtcdServer]:
-    server = EtcdServer(scheme="https", extra_args=[
-        "--cert-file", certs["server"], "--key-file", certs["server_key"],
-        "--trusted-ca-file", certs["ca"], "--client-cert-auth"])
-    server.start()
-    yield server
-    server.close()
 
 
 def test_etcd_with_client_certificates(tls_etcd: EtcdServer, nats_server: NatsServer, certs: Dict[str, str],

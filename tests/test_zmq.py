@@ -24,9 +24,8 @@ from workermon import WorkerMonitor, WorkerPublisher
 from workermon._parse import Malformed, parse_channel, parse_load, parse_zmq_frames
 from workermon._servers import EtcdServer, NatsServer, free_port
 
-from .helpers import SAMPLES, wait_until
+from .helpers import Make, SAMPLES, wait_until
 
-Make = Callable[..., WorkerMonitor]
 
 
 @pytest.fixture(autouse=True)
