@@ -2,10 +2,10 @@
 # Run the interop suite against real Dynamo releases (after scripts/setup-dynamo.sh):
 #   scripts/dynamo-interop.sh                 # every release set up in .dynamo-venvs
 #   scripts/dynamo-interop.sh 0.7.1 1.0.2     # chosen releases
-# 0.6/0.7 advertise a non-loopback address, so they run inside a private
-# network namespace (`unshare -n`, needs root) where only loopback exists;
-# 0.8 and later are pinned to 127.0.0.1 by environment variables instead
-# (and 1.0 refuses to start in a namespace without a non-loopback interface).
+# 0.6/0.7 and 1.1-1.5 advertise a non-loopback address, so they run inside a
+# private network namespace (`unshare -n`, needs root) where only loopback
+# exists; 0.8-1.0 and 1.6 are pinned to 127.0.0.1 by environment variables
+# instead (and 1.0 refuses to start in a namespace without a non-loopback interface).
 # Results are appended to .dynamo-venvs/results.jsonl and printed as a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,12 @@ fi
 status=0
 for v in "${releases[@]}"; do
   major_minor=$(echo "$v" | cut -d. -f1,2)
-  if [ "$(printf '%s\n' "$major_minor" 0.8 | sort -V | head -1)" != "0.8" ]; then
+  in_ns=no
+  # 0.6/0.7 and 1.1-1.5 advertise the host's non-loopback address (1.1-1.5 take only an interface
+  # name for their response stream): they run where lo is the only interface.
+  if [ "$(printf '%s\n' "$major_minor" 0.8 | sort -V | head -1)" != "0.8" ]; then in_ns=yes; fi
+  case "$major_minor" in 1.1|1.2|1.3|1.4|1.5) in_ns=yes ;; esac
+  if [ "$in_ns" = yes ]; then
     if unshare -n true 2>/dev/null; then
       unshare -n sh -c "ip link set lo up && WORKERMON_DYNAMO_RELEASES=$v '$py' -m pytest -m dynamo tests/dynamo -q -p no:cacheprovider" || status=1
     else

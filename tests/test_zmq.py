@@ -472,3 +472,73 @@ def test_every_source_reports_its_own_backlog(zmon: Make, zpub: Any) -> None:
     # The ZMQ source's backlog was never reported before the sources shared one shape.
     assert h.zmq.counters["queued_items"] == 0 and h.zmq.counters["queued_bytes"] == 0
     assert "queued_items" in h.etcd.counters
+
+
+# --- Dynamo 1.3's older event-channel layout (issue 19) ------------------------------------
+
+# Captured from a real 1.3.1 mocker fleet (its defaults: the ZMQ plane): the kv_metrics channel has an empty
+# component in its key and a flat value.
+_KEY_13 = "v1/event_channels/dynamo//kv_metrics/62dabde3b0129c92"
+_VALUE_13 = (b'{"type":"EventChannel","namespace":"dynamo","component":"","topic":"kv_metrics",'
+             b'"instance_id":7123214546249096338,"transport":{"kind":"Zmq","config":'
+             b'{"endpoint":"tcp://127.0.0.1:43457"}}}')
+
+
+def test_the_1_3_layout_parses_and_is_scoped() -> None:
+    ch = parse_channel(_KEY_13, _VALUE_13, 0x7725A24A98E4200C, namespace="dynamo", component="backend")
+    assert ch is not None and ch.worker_id == 0x7725A24A98E4200C and ch.publisher_id == 7123214546249096338
+    assert ch.endpoint == "tcp://127.0.0.1:43457"
+    assert parse_channel(_KEY_13, _VALUE_13, 1, namespace="other") is None
+    other_topic = "v1/event_channels/dynamo/backend/kv-events/66b506ffbc368dd8"
+    assert parse_channel(other_topic, _VALUE_13, 1, namespace="dynamo") is None
+    with pytest.raises(Malformed) as err:
+        parse_channel("v1/event_channels/v9/dynamo/backend/kv_metrics/x/1", _VALUE_13, 1, namespace="dynamo")
+    assert err.value.reason == "unknown_layout"
+
+
+def _as_1_3(pub: WorkerPublisher, etcd_url: str) -> None:
+    """Re-register a ZMQ publisher's channel as a 1.3 worker does (same lease, older key and value)."""
+    from .helpers import etcd_client
+
+    client = etcd_client(etcd_url)
+    try:
+        client.delete(pub.channel_key)
+        value = {"type": "EventChannel", "namespace": pub.namespace, "component": "", "topic": "kv_metrics",
+                 "instance_id": pub.publisher_id,
+                 "transport": {"kind": "Zmq", "config": {"endpoint": pub.zmq_endpoint}}}
+        client.put(f"v1/event_channels/{pub.namespace}//kv_metrics/{pub.publisher_id:x}", json.dumps(value),
+                   lease=pub.worker_id)
+    finally:
+        client.close()
+
+
+def test_a_fleet_mixing_1_3_and_1_6_channel_layouts(zmon: Make, zpub: Any, etcd_server: EtcdServer) -> None:
+    old, new = zpub(), zpub()
+    _as_1_3(old, etcd_server.url)
+    mon = zmon()
+    mon.start()
+    assert mon.wait_ready(10) and old.wait_subscribed(10) and new.wait_subscribed(10)
+    old.report(950)
+    new.report(950)
+    assert mon.wait_for(lambda: mon.busy_workers() == {old.worker_id, new.worker_id}, 10)
+    assert mon.health().zmq.counters["endpoints_connected"] == 2
+    assert mon.health().zmq.last_error is None
+
+
+def test_an_unknown_channel_layout_is_said_in_words(zmon: Make, zpub: Any, etcd_server: EtcdServer,
+                                                    namespace: str) -> None:
+    from .helpers import etcd_client
+
+    mon = zmon()
+    mon.start()
+    assert mon.wait_ready(10)
+    client = etcd_client(etcd_server.url)
+    key = f"v1/event_channels/v9/{namespace}/backend/generate/kv_metrics/abc"
+    try:
+        client.put(key, _VALUE_13.decode())
+        # A refused key changes no state, so there is no batch to wait for: a bounded poll.
+        assert wait_until(lambda: "unknown layout" in (mon.health().zmq.last_error or ""), 10)
+        assert key in str(mon.health().zmq.last_error)
+    finally:
+        client.delete(key)
+        client.close()

@@ -483,11 +483,21 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
             busy=len(self._snapshot.busy),
             ready=self.ready,
             alive=alive or (self.static and self._started and not self._stopped),
-            zmq=self._source_health(self._zmq, self._zmq_status, None if self._zmq_cfg is not None else
-                                    "ZMQ disabled (event_plane='nats')"),
+            zmq=self._zmq_health(),
             required=tuple(required) if not self.static else ("etcd", "nats"),
             picker=picker,
         )
+
+    def _zmq_health(self) -> SourceHealth:
+        h = self._source_health(self._zmq, self._zmq_status, None if self._zmq_cfg is not None else
+                                "ZMQ disabled (event_plane='nats')")
+        unknown = self._etcd.unknown_layout if self._etcd is not None else None
+        if unknown is not None and self._zmq_cfg is not None:
+            # Say it in words rather than stay silently blind to a newer release's channels.
+            note = (f"kv_metrics channels found under an unknown layout (e.g. {unknown!r}): this workermon does not "
+                    "know that Dynamo release's event-channel layout, so their load reports are not read")
+            h = attrs.evolve(h, last_error=note if h.last_error is None else f"{h.last_error}; {note}")
+        return h
 
     def _source_health(self, source: Optional[Source], status: SourceStatus, disabled: Optional[str]) -> SourceHealth:
         if source is not None:

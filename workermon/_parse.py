@@ -383,21 +383,56 @@ class _ChannelDoc(msgspec.Struct):
 _json_channel = msgspec.json.Decoder(_ChannelDoc)
 
 
-def parse_channel(key: Union[bytes, str], value: bytes, lease: int,
-                  max_bytes: int = DEFAULT_MAX_CARD_BYTES) -> Optional[ChannelPut]:
-    """Parse one event-channel key/value/lease; None for a topic other than ``kv_metrics``.
+EVENT_CHANNELS = "v1/event_channels/"
 
-    Raises :class:`Malformed` for a ``kv_metrics`` channel that cannot be used.
+
+def channel_scope(key: str) -> Optional[Tuple[str, str, Optional[str], str]]:
+    """``(namespace, component, endpoint or None, topic)`` of an event-channel key in either layout, else None.
+
+    Dynamo 1.4+: ``v1/event_channels/namespace/{ns}/component/{c}/endpoint/{e}/topic/{topic}/{id}``.
+    Dynamo 1.3: ``v1/event_channels/{ns}/{c}/{topic}/{id}`` (``c`` empty for ``kv_metrics``).
+    """
+    if not key.startswith(EVENT_CHANNELS):
+        return None
+    parts = key[len(EVENT_CHANNELS):].split("/")
+    if (len(parts) == 9 and parts[0] == "namespace" and parts[2] == "component" and parts[4] == "endpoint"
+            and parts[6] == "topic"):
+        return parts[1], parts[3], parts[5], parts[7]
+    if len(parts) == 4 and parts[0] and parts[2]:
+        return parts[0], parts[1], None, parts[2]
+    return None
+
+
+def parse_channel(key: Union[bytes, str], value: bytes, lease: int, max_bytes: int = DEFAULT_MAX_CARD_BYTES,
+                  namespace: Optional[str] = None, component: Optional[str] = None,
+                  endpoint_name: Optional[str] = None) -> Optional[ChannelPut]:
+    """Parse one event-channel key/value/lease (either layout); None for another topic or scope.
+
+    With ``namespace`` (and ``component`` / ``endpoint_name``) only that
+    scope's channels are taken; a 1.3 ``kv_metrics`` channel names no
+    component (it is empty), so it is taken for any component of its
+    namespace.  Raises :class:`Malformed` for a ``kv_metrics`` channel that
+    cannot be used, ``unknown_layout`` for a ``kv_metrics`` key in a layout
+    this release of workermon does not know.
     """
     if isinstance(key, bytes):
         try:
             key = key.decode("utf-8")
         except UnicodeDecodeError:
             raise Malformed("bad_key", "key is not UTF-8") from None
-    parts = key.rsplit("/", 3)
-    if len(parts) != 4 or parts[1] != "topic":
-        raise Malformed("bad_key", f"not an event channel key: {key[:200]!r}")
-    if parts[2] != KV_METRICS:
+    scope = channel_scope(key)
+    if scope is None:
+        if KV_METRICS in key:
+            raise Malformed("unknown_layout", key[:200])
+        return None
+    ns, comp, ep, topic = scope
+    if topic != KV_METRICS:
+        return None
+    if namespace is not None and ns != path_segment(namespace):
+        return None
+    if component is not None and comp and comp != path_segment(component):
+        return None
+    if endpoint_name is not None and ep is not None and ep != path_segment(endpoint_name):
         return None
     if len(value) > max_bytes:
         raise Malformed("oversized", f"{len(value)} bytes > {max_bytes}")

@@ -63,8 +63,11 @@ class DynamoFleet:
         if self.nats_url is not None:
             env["NATS_SERVER"] = self.nats_url
         if self.v >= (0, 8):
+            # 1.1-1.5 take an interface name for the response stream (127.0.0.1 is refused): they run
+            # inside a private network namespace where lo is the only one (scripts/dynamo-interop.sh).
+            stream_host = "lo" if (1, 1) <= self.v < (1, 6) else "127.0.0.1"
             env.update(DYN_TCP_RPC_HOST="127.0.0.1", DYN_EVENT_PLANE_HOST="127.0.0.1",
-                       DYN_TCP_RESPONSE_STREAM_HOST="127.0.0.1")
+                       DYN_TCP_RESPONSE_STREAM_HOST=stream_host)
         if self.v >= (0, 8) and self.event_plane is not None:
             env["DYN_EVENT_PLANE"] = self.event_plane
         if self.v >= (0, 8) and self.nats_url is not None:

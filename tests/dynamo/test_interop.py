@@ -69,9 +69,11 @@ class LastPublished:
     def _run(self) -> None:
         while True:
             try:
-                _, payload = self.sub.next(timeout=3600)
+                subject, payload = self.sub.next(timeout=3600)
             except (OSError, ConnectionError):
                 return
+            if not subject.endswith(".kv_metrics"):
+                continue
             if payload[:1] == b"{":
                 doc = json.loads(payload)
             else:
@@ -124,9 +126,8 @@ def test_release_interop(release: str, servers: tuple) -> None:
                     "(scripts/dynamo-interop.sh)")
     etcd, nats = servers
     fleet = DynamoFleet(python, release, etcd.url, nats.url, blocks=BLOCKS, busy_threshold=THRESHOLD)
-    subject = ("namespace.dynamo.component.backend.endpoint.generate.kv_metrics"
-               if version_tuple(release) >= (1, 6) else "namespace.dynamo.kv_metrics")
-    published = LastPublished(nats.url, subject)
+    # Whatever subject the release uses (namespace- or endpoint-scoped): every kv_metrics one.
+    published = LastPublished(nats.url, "namespace.dynamo.>")
     mon = WorkerMonitor([etcd.url], [nats.url], namespace="dynamo", busy_threshold=THRESHOLD)
     try:
         _check_fleet(release, release, _format_of(release), etcd, fleet, mon, published.snapshot)
@@ -144,11 +145,15 @@ ZMQ_MODES = {
 
 @pytest.mark.parametrize("mode", list(ZMQ_MODES))
 def test_release_interop_zmq_defaults(release: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """1.6 with its defaults: no DYN_EVENT_PLANE, no NATS server anywhere; workermon gets only etcd."""
+    """1.3+ with its defaults: no DYN_EVENT_PLANE, no NATS server anywhere; workermon gets only etcd.
+    (1.3 registers its channels under an older layout than 1.4+.)"""
     for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
-    if version_tuple(release) < (1, 6):
-        pytest.skip("the ZMQ event plane is Dynamo 1.6's")
+    if version_tuple(release) < (1, 3):
+        pytest.skip("the ZMQ event plane is the default from Dynamo 1.3 on")
+    if version_tuple(release) < (1, 6) and not _only_loopback():
+        pytest.skip("Dynamo 1.1-1.5 advertise a non-loopback address: run inside `unshare -n` "
+                    "(scripts/dynamo-interop.sh)")
     python = _python_for(release)
     worker_args, frontend_args = ZMQ_MODES[mode]
     with EtcdServer() as etcd:
@@ -281,9 +286,10 @@ class ZmqLastPublished:
     def follow(self) -> None:
         client = etcd_client(self.etcd_url)
         try:
-            for value, meta in client.get_prefix("v1/event_channels/namespace/dynamo/"):
+            # Both layouts: 1.4+ (v1/event_channels/namespace/dynamo/…) and 1.3 (v1/event_channels/dynamo/…).
+            for value, meta in client.get_prefix("v1/event_channels/"):
                 doc = json.loads(value)
-                if doc["topic"] == "kv_metrics":
+                if doc.get("topic") == "kv_metrics" and "/dynamo/" in meta.key.decode():
                     self.sub.connect(doc["transport"]["config"]["endpoint"])
         finally:
             client.close()

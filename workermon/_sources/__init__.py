@@ -130,7 +130,7 @@ def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: 
     from .etcd import EtcdSource, Watched
     from .nats import NatsSource
     from .zmq import ZmqSource
-    from .._parse import channel_prefix
+    from .._parse import EVENT_CHANNELS
 
     assert cfgs.etcd is not None
     extra = []
@@ -141,10 +141,13 @@ def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: 
                         on_ready["zmq"], statuses["zmq"])
         if not z.broker:
             max_bytes = cfgs.etcd.max_card_bytes
+            # Every layout Dynamo has used (1.3's and 1.4+'s) is under one prefix; the parser
+            # keeps this scope's kv_metrics channels and names a layout it does not know.
             extra.append(Watched(
                 name="channel",
-                prefix=channel_prefix(z.namespace, z.component, z.endpoint),
-                parse=lambda k, v, lease, _created: parse_channel(k, v, lease, max_bytes),
+                prefix=EVENT_CHANNELS,
+                parse=lambda k, v, lease, _created: parse_channel(k, v, lease, max_bytes, z.namespace, z.component,
+                                                                 z.endpoint),
                 delete=lambda key: ChannelDelete(key=key),
                 listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
                 emit=zmq.channel_update,

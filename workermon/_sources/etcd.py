@@ -225,6 +225,8 @@ class EtcdSource(Source):
         self._call_lock = threading.Lock()
         self._call: Any = None
         self._endpoint_index = 0
+        # A kv_metrics event-channel key in a layout this workermon does not know (a newer Dynamo).
+        self.unknown_layout: Optional[str] = None
 
     # --- stopping ---------------------------------------------------------------
 
@@ -466,6 +468,8 @@ class EtcdSource(Source):
         try:
             return watched.parse(kv.key, kv.value, kv.lease, kv.create_revision)
         except Malformed as exc:
+            if exc.reason == "unknown_layout":
+                self.unknown_layout = str(exc)[len("unknown_layout: "):]
             # Cards keep their historical counter names (malformed_<reason>).
             self.status.inc("malformed")
             label = "malformed" if watched.name == "cards" else f"malformed_{watched.name}"
