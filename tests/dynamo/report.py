@@ -18,8 +18,9 @@ def main(path: str) -> int:
         if line.strip():
             row = json.loads(line)
             latest[row.get("label", row["release"])] = row
-    print("| release | format | members & totals | last published values | frontend rejects ⇒ all busy | free ⇒ frontend accepts | SIGKILL → removed after | run |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| release | format | members & totals | last published values | frontend rejects ⇒ all busy | overload answer "
+          "| free ⇒ frontend accepts | SIGKILL → removed after | run |")
+    print("|---|---|---|---|---|---|---|---|---|")
     def order(label: str) -> tuple:
         release, _, mode = label.partition(" ")
         return tuple(int(x) for x in release.split(".")), mode
@@ -28,8 +29,9 @@ def main(path: str) -> int:
         r = latest[rel]
         ok = lambda b: "✅" if b else "❌"  # noqa: E731
         kill = f"✅ {r['kill_removed']} s" if r["kill_removed"] else "❌"
+        status = r.get("overload_status") or ("503" if order(rel)[0] < (1, 3) else "529")
         print(f"| {rel} | {r['format'] or '?'} | {ok(r['members'] and r['totals'])} | {ok(r['last_values'])} | "
-              f"{ok(r['agrees_503'])} | {ok(r['agrees_free'])} | {kill} | {r['time']} |")
+              f"{ok(r['agrees_503'])} | {status} | {ok(r['agrees_free'])} | {kill} | {r['time']} |")
     return 0
 
 

@@ -212,8 +212,9 @@ def _check_fleet(release: str, label: str, fmt: str, etcd: EtcdServer, fleet: Dy
                 return
             status, body = fleet.chat(max_tokens=120, prompt="x" * 600, timeout=120)
             statuses.append(status)
-            # "All workers are busy" is HTTP 503 up to 1.0; 1.6 answers 529 "Overloaded".
+            # "All workers are busy" is HTTP 503 up to 1.2; from 1.3 on 529 "Overloaded".
             if (status == 503 and "busy" in body.lower()) or (status == 529 and "overloaded" in body.lower()):
+                result["overload_status"] = status
                 saw_503.set()
                 # At the moment the frontend refuses, workermon must say all are busy.
                 agree = mon.wait_for(lambda: not mon.free_workers() and bool(mon.members()), 2.0)
@@ -283,14 +284,23 @@ class ZmqLastPublished:
         self.done = threading.Event()
         self.thread: Optional[threading.Thread] = None
 
-    def follow(self) -> None:
+    def follow(self, expected: int = 3) -> None:
+        """Connect to every worker's kv_metrics channel, waiting (bounded) until ``expected`` are listed."""
         client = etcd_client(self.etcd_url)
         try:
-            # Both layouts: 1.4+ (v1/event_channels/namespace/dynamo/…) and 1.3 (v1/event_channels/dynamo/…).
-            for value, meta in client.get_prefix("v1/event_channels/"):
-                doc = json.loads(value)
-                if doc.get("topic") == "kv_metrics" and "/dynamo/" in meta.key.decode():
-                    self.sub.connect(doc["transport"]["config"]["endpoint"])
+            deadline = time.monotonic() + 30
+            while True:
+                # Both layouts: 1.4+ (v1/event_channels/namespace/dynamo/…) and 1.3 (v1/event_channels/dynamo/…).
+                endpoints = set()
+                for value, meta in client.get_prefix("v1/event_channels/"):
+                    doc = json.loads(value)
+                    if doc.get("topic") == "kv_metrics" and "/dynamo/" in meta.key.decode():
+                        endpoints.add(doc["transport"]["config"]["endpoint"])
+                if len(endpoints) >= expected or time.monotonic() > deadline:
+                    break
+                retry_pause(0.2)  # another process's registration: a bounded poll
+            for endpoint in endpoints:
+                self.sub.connect(endpoint)
         finally:
             client.close()
         self.thread = threading.Thread(target=self._run, name="interop-zmq-subscriber")
