@@ -106,11 +106,59 @@ class Reservation:
         return f"<Reservation {self.worker_id:x} rank {self.dp_rank} {state}: {self.reason}>"
 
 
+class _Ledger:
+    """The bookings a picker holds: live ones by token (creation order = deadline order) and the
+    number in flight per worker, under the picker's lock.  Each picker says how a booking's blocks
+    stop counting (:meth:`_uncredit`)."""
+
+    _lock: threading.Lock
+    _bookings: "OrderedDict[int, Any]"
+    _inflight: Dict[int, int]
+    counters: Counters
+
+    def _uncredit(self, booking: Any) -> None:
+        raise NotImplementedError
+
+    def _release(self, booking: Any) -> None:
+        with self._lock:
+            if booking.live:
+                self._drop(booking)
+                self.counters.inc("released")
+
+    def _drop(self, b: Any) -> None:
+        b.live = False
+        self._bookings.pop(b.token, None)
+        n = self._inflight.get(b.wid, 0) - 1
+        if n > 0:
+            self._inflight[b.wid] = n
+        else:
+            self._inflight.pop(b.wid, None)
+        self._uncredit(b)
+
+    def _expire_due(self, now: float) -> None:
+        bookings = self._bookings
+        while bookings:
+            b = next(iter(bookings.values()))
+            if b.deadline > now:
+                break
+            self._drop(b)
+            self.counters.inc("expired")
+
+
+def _take_credit(credit: Dict[Any, List[int]], key: Any, seq: int, blocks: int) -> None:
+    """Remove a booking's blocks from ``credit[key] = [report seq, blocks]`` while that report is current."""
+    acc = credit.get(key)
+    if acc is not None and acc[0] == seq:
+        acc[1] -= blocks
+        if acc[1] <= 0:
+            del credit[key]
+
+
 # An assessment of one candidate: (sort key, rank chosen, utilisation or None, in-flight count).
 _Assessment = Tuple[Tuple[int, float], int, Optional[float], int]
 
 
-class Picker:
+class Picker(_Ledger):
     """Chooses and books workers; see the module docstring for the credit rule."""
 
     def __init__(
@@ -258,35 +306,11 @@ class Picker:
 
     # --- releasing and expiry ---------------------------------------------------
 
-    def _release(self, booking: _Booking) -> None:
-        with self._lock:
-            if booking.live:
-                self._drop(booking)
-                self.counters.inc("released")
-
-    def _drop(self, b: _Booking) -> None:
-        b.live = False
-        self._bookings.pop(b.token, None)
-        key = (b.wid, b.rank)
-        acc = self._credit.get(key)
-        if acc is not None and acc[0] == b.seq:
-            acc[1] -= b.blocks
-            if acc[1] <= 0:
-                del self._credit[key]
-        n = self._inflight.get(b.wid, 0) - 1
-        if n > 0:
-            self._inflight[b.wid] = n
-        else:
-            self._inflight.pop(b.wid, None)
+    def _uncredit(self, b: _Booking) -> None:
+        _take_credit(self._credit, (b.wid, b.rank), b.seq, b.blocks)
 
     def _expire(self, now: float) -> None:
-        bookings = self._bookings
-        while bookings:
-            b = next(iter(bookings.values()))
-            if b.deadline > now:
-                break
-            self._drop(b)
-            self.counters.inc("expired")
+        self._expire_due(now)
         # Credit booked against an older report no longer counts: forget it.
         if len(self._credit) > 4 * len(self._inflight) + 64:
             for key in [k for k, acc in self._credit.items() if acc[0] != self._seq_of(*k)]:
@@ -499,7 +523,7 @@ class _SharedBooking:
         self.generation = generation  # the booking row it was written to (-1: this process only)
 
 
-class SharedPicker:
+class SharedPicker(_Ledger):
     """Picks from the host agent's shared memory and books in this process's own row.
 
     The same rule as :class:`Picker` (:func:`best_rank`, the same strategies):
@@ -639,36 +663,13 @@ class SharedPicker:
             return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
                                                   self._overloaded)
 
-    def _release(self, booking: _SharedBooking) -> None:
-        with self._lock:
-            if booking.live:
-                self._drop(booking)
-                self.counters.inc("released")
-
-    def _drop(self, b: _SharedBooking) -> None:
-        b.live = False
-        self._bookings.pop(b.token, None)
-        n = self._inflight.get(b.wid, 0) - 1
-        if n > 0:
-            self._inflight[b.wid] = n
-        else:
-            self._inflight.pop(b.wid, None)
+    def _uncredit(self, b: _SharedBooking) -> None:
         if b.generation == -1:
-            acc = self._local.get(b.rank_slot)
-            if acc is not None and acc[0] == b.seq:
-                acc[1] -= b.blocks
-                if acc[1] <= 0:
-                    del self._local[b.rank_slot]
+            _take_credit(self._local, b.rank_slot, b.seq, b.blocks)
         elif b.generation == self._generation and self._row >= 0 and self._fleet is not None:
             # Only in the row it was written to: after a reconnect the agent
             # cleared that row, and a release must not free someone else's booking.
             self._fleet.remove_booking(self._row, b.rank_slot, b.seq, b.blocks)
 
     def _expire(self, now: float) -> None:
-        bookings = self._bookings
-        while bookings:
-            b = next(iter(bookings.values()))
-            if b.deadline > now:
-                break
-            self._drop(b)
-            self.counters.inc("expired")
+        self._expire_due(now)
