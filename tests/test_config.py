@@ -125,6 +125,15 @@ def test_every_old_keyword_still_works_with_a_warning_naming_its_home(name: str,
     assert value == expected
 
 
+def test_deprecation_warnings_name_the_callers_line() -> None:
+    with pytest.warns(DeprecationWarning) as monitor_warnings:
+        WorkerMonitor(etcd_endpoints=None, metrics_ttl=3.0)
+    with pytest.warns(DeprecationWarning) as publisher_warnings:
+        WorkerPublisher(["http://127.0.0.1:1"], event_plane="zmq", etcd_user="u", etcd_password="p")
+    for w in [*monitor_warnings, *publisher_warnings]:
+        assert w.filename == __file__, (w.filename, w.lineno)
+
+
 def test_unknown_keyword_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="no_such"):
         WorkerMonitor(no_such=1)

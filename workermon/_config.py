@@ -153,8 +153,11 @@ def nats_from_env(given: Optional[NatsOptions], environ: Mapping[str, str]) -> N
     return attrs.evolve(opts, **changes) if changes else opts
 
 
-def apply_deprecated(deprecated: Mapping[str, Any], homes: Dict[str, Any], stacklevel: int = 4) -> Dict[str, Any]:
+def apply_deprecated(deprecated: Mapping[str, Any], homes: Dict[str, Any], *, stacklevel: int) -> Dict[str, Any]:
     """Fold old flat keywords into their option objects in ``homes``, with one DeprecationWarning each.
+
+    ``stacklevel`` is counted from this function to the user's call (3 when a
+    constructor calls it directly), so the warning names the user's line.
 
     Each object is rebuilt once with all of its old keywords, so pairs given
     apart (a TLS cert and key, a user and password) validate together.
@@ -282,7 +285,8 @@ def configure(*, etcd_endpoints: Any, nats_servers: Any, namespace: str, busy_th
         thresholds = Thresholds() if busy_threshold is unset else Thresholds(busy_threshold=busy_threshold)
     homes = apply_deprecated(deprecated, {
         "thresholds": thresholds, "limits": limits or Limits(), "etcd": etcd or EtcdOptions(),
-        "nats": nats or NatsOptions(), "reconnect": reconnect or Reconnect()}, stacklevel=5)
+        "nats": nats or NatsOptions(), "reconnect": reconnect or Reconnect()},
+        stacklevel=4)  # apply_deprecated ← configure ← WorkerMonitor.__init__ ← the user
     return resolve(etcd_endpoints=etcd_endpoints, nats_servers=nats_servers, namespace=namespace, component=component,
                    endpoint=endpoint, event_plane=event_plane, zmq_broker_url=zmq_broker_url, etcd=homes["etcd"],
                    nats=homes["nats"], limits=homes["limits"], reconnect=homes["reconnect"],

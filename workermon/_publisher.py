@@ -101,7 +101,8 @@ class WorkerPublisher:
                                     ("etcd_ca_cert", etcd_ca_cert), ("nats_token", nats_token),
                                     ("nats_user", nats_user), ("nats_password", nats_password),
                                     ("nats_tls_ca", nats_tls_ca)) if v is not None}
-        homes = apply_deprecated(legacy, {"etcd": etcd or EtcdOptions(), "nats": nats or NatsOptions()})
+        homes = apply_deprecated(legacy, {"etcd": etcd or EtcdOptions(), "nats": nats or NatsOptions()},
+                                 stacklevel=3)  # apply_deprecated ← WorkerPublisher.__init__ ← the user
         etcd_opts = etcd_from_env(homes["etcd"], os.environ)
         nats_opts = nats_from_env(homes["nats"], os.environ)
         tls = etcd_opts.tls
