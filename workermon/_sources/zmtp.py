@@ -285,9 +285,7 @@ class Subscriber:
                 peer.skip -= take
                 if peer.skip:
                     break
-                if not peer.more:
-                    errors.append(peer.bad or "oversized")
-                    peer.reset_message()
+                _frame_done(peer, messages, errors)
                 continue
             flags = buf[pos]
             if flags & 0xF8:
@@ -316,32 +314,24 @@ class Subscriber:
             if peer.state != "ready":
                 return "a message before the READY command"
             index = peer.nframes
-            peer.nframes += 1
-            peer.more = more
             limit = self.max_last_frame if index == FRAMES - 1 else _SMALL_FRAME if index < FRAMES else -1
             if size > limit:
                 # Read past it without keeping it; the message is malformed.
                 if peer.bad is None:
                     peer.bad = "bad_frame_count" if index >= FRAMES else "oversized"
                 peer.frames = []
-                peer.skip = size
+                peer.nframes, peer.more, peer.skip = index + 1, more, size
                 pos += head
-                if size == 0 and not more:  # an empty extra frame that ends the message
-                    errors.append(peer.bad)
-                    peer.reset_message()
+                if not size:  # an empty extra frame: nothing to read past
+                    _frame_done(peer, messages, errors)
                 continue
             if end - pos < head + size:
-                peer.nframes -= 1  # not complete yet: read again from its header
-                break
+                break  # not complete yet: read again from its header
+            peer.nframes, peer.more = index + 1, more
             if peer.bad is None:
                 peer.frames.append(bytes(buf[pos + head:pos + head + size]))
             pos += head + size
-            if not more:
-                if peer.bad is None:
-                    messages.append(peer.frames)
-                else:
-                    errors.append(peer.bad)
-                peer.reset_message()
+            _frame_done(peer, messages, errors)
         del buf[:pos]
         return None
 
@@ -367,3 +357,14 @@ class Subscriber:
         if name == b"ERROR":
             return "the peer sent ERROR: " + body[1 + body[0] + 1:].decode("utf-8", "replace")[:200]
         return None  # other commands (SUBSCRIBE echoes, PONG) carry nothing for a subscriber
+
+
+def _frame_done(peer: _Peer, messages: List[List[bytes]], errors: List[str]) -> None:
+    """A frame was read (or read past): after the last one, the message is complete or malformed."""
+    if peer.more:
+        return
+    if peer.bad is None:
+        messages.append(peer.frames)
+    else:
+        errors.append(peer.bad)
+    peer.reset_message()
