@@ -61,7 +61,7 @@ def test_config_is_resolved_once_from_arguments_environment_and_defaults(monkeyp
     c = mon.config
     assert c.etcd_endpoints == ("http://10.1.1.1:2379", "http://10.1.1.2:2379")
     assert c.nats_servers == ("nats://127.0.0.1:4222",) and c.nats_required is False
-    assert c.card_prefix == "v1/mdc/ns/backend/" and c.channel_prefix.endswith("component/backend/")
+    assert c.card_prefix == "v1/mdc/ns/backend/"
     assert c.etcd.tls == TLS(ca="/etc/ca.pem") and c.nats.auth == "token" and c.nats.token == SECRET
     assert c.thresholds.busy_threshold == 0.8 and c.limits.max_load_bytes == 1000 and c.reconnect.cap == 4.0
     assert SECRET not in repr(c)

@@ -15,7 +15,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import attrs
 
 from ._model import EventPlane, Thresholds
-from ._parse import channel_prefix
 from .options import TLS, EtcdOptions, Limits, NatsOptions, Reconnect
 
 __all__ = ["DEPRECATED", "MonitorConfig", "etcd_from_env", "nats_from_env", "resolve"]
@@ -81,7 +80,6 @@ class MonitorConfig:
     event_plane: EventPlane
     zmq_broker: Tuple[str, ...]
     card_prefix: str
-    channel_prefix: str
     subjects: Tuple[str, ...]
     etcd: EtcdOptions
     nats: NatsOptions
@@ -246,7 +244,6 @@ def resolve(
         event_plane=event_plane,
         zmq_broker=broker,
         card_prefix=card_prefix,
-        channel_prefix=channel_prefix(namespace, component, endpoint),
         subjects=tuple(subjects),
         etcd=etcd_opts,
         nats=nats_opts,
