@@ -370,3 +370,17 @@ def test_expired_bookings_are_dropped_on_read_and_released_ones_leave_at_once() 
     assert len(p._bookings) == 1  # only the live one, however many came and went behind it
     now[0] = 6.0  # past the TTL, and nobody picks
     assert p.totals() == (0, 0) and p.in_flight(A) == 0 and p.counters["expired"] == 1
+
+
+def test_making_room_for_held_ranks_keeps_arrival_order_for_expiry() -> None:
+    from workermon._reduce import Limits
+
+    s = FleetState(limits=Limits(pending_max_ranks=3, pending_max_age=30.0))
+    s.apply_load_fields(A, 0, 1, None, None, None, 0.0)    # held since 0
+    s.apply_load_fields(B, 0, 1, None, None, None, 10.0)   # held since 10
+    s.apply_load_fields(C, 0, 1, None, None, None, 15.0)   # the held ranks are full
+    s.apply_load_fields(A, 1, 1, None, None, None, 20.0)   # A's new rank: B, the oldest other, makes room
+    assert s.pending_ranks == 3 and s.pending_workers == 2
+    s.expire(31.0)  # A (since 0) is past the 30 s age, C (since 15) is not
+    assert s.pending_workers == 1 and s.counters["pending_expired"] == 1
+    assert s.pending_ranks == 1

@@ -458,25 +458,29 @@ class FleetState(FleetViews):
                 self.counters.inc("pending_dropped")
                 return
             while len(self._pending) >= limits.pending_max_workers:
-                self._drop_oldest_pending()
+                self._drop_pending(next(iter(self._pending)))
             held = self._pending[wid] = _Pending(now)
-        elif rank_id not in held.ranks and self._pending_ranks >= limits.pending_max_ranks:
-            # The held ranks are full: the oldest held workers make room (never this one).
-            self._pending.move_to_end(wid)
-            while self._pending_ranks >= limits.pending_max_ranks and next(iter(self._pending)) != wid:
-                self._drop_oldest_pending()
-            if self._pending_ranks >= limits.pending_max_ranks:
-                self.counters.inc("pending_dropped_ranks")
-                return
+        if rank_id not in held.ranks and not self._room_for_a_rank(wid):
+            self.counters.inc("pending_dropped_ranks")
+            return
         before = len(held.ranks)
         self._merge_into(held.ranks, rank_id, kv, decode, prefill, revision, now)
         self._pending_ranks += len(held.ranks) - before
-        while self._pending_ranks > limits.pending_max_ranks and len(self._pending) > 1:
-            self._pending.move_to_end(wid)
-            self._drop_oldest_pending()
 
-    def _drop_oldest_pending(self) -> None:
-        _, dropped = self._pending.popitem(last=False)  # oldest first
+    def _room_for_a_rank(self, keep: int) -> bool:
+        """Drop the oldest held workers but ``keep`` until one more held rank fits; False when none can.
+
+        The held workers stay in arrival order, which expire() relies on.
+        """
+        while self._pending_ranks >= self.limits.pending_max_ranks:
+            victim = next((w for w in self._pending if w != keep), None)
+            if victim is None:
+                return False
+            self._drop_pending(victim)
+        return True
+
+    def _drop_pending(self, wid: int) -> None:
+        dropped = self._pending.pop(wid)
         self._pending_ranks -= len(dropped.ranks)
         self.counters.inc("pending_dropped")
 
