@@ -8,6 +8,7 @@ Each release is skipped with its reason when its environment is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -359,6 +360,30 @@ def _post(url: str, body: Dict[str, object], headers: Optional[Dict[str, str]] =
         return err.code, err.read().decode(errors="replace")
 
 
+@contextlib.contextmanager
+def _loading(frontend: str, model: str, workers: List[int], max_tokens: int) -> Iterator[None]:
+    """One thread per entry of ``workers`` keeps that worker busy through the frontend (named with
+    x-worker-instance-id) with long requests, until the block ends; then they finish and are joined."""
+    stop = threading.Event()
+
+    def load(wid: int) -> None:
+        while not stop.is_set():
+            _post(f"{frontend}/v1/chat/completions",
+                  {"model": model, "max_tokens": max_tokens, "ignore_eos": True, "min_tokens": max_tokens,
+                   "messages": [{"role": "user", "content": "x" * 600}]},
+                  {"x-worker-instance-id": str(wid)})
+
+    loaders = [threading.Thread(target=load, args=(wid,), name="interop-loader") for wid in workers]
+    for t in loaders:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(240)
+
+
 def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/flask_router.py in front of a 1.6.1 frontend in direct mode: requests run where reserve() chose."""
     if version_tuple(release) < (1, 6):
@@ -405,28 +430,12 @@ def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch
 
             # All busy: load the workers through the frontend directly, then the router answers
             # 503 with Retry-After and forwards nothing.
-            stop = threading.Event()
-
-            def load(wid: int) -> None:
-                while not stop.is_set():
-                    _post(f"{frontend}/v1/chat/completions",
-                          {"model": model, "max_tokens": 120, "ignore_eos": True, "min_tokens": 120,
-                           "messages": [{"role": "user", "content": "x" * 600}]},
-                          {"x-worker-instance-id": str(wid)})
-
-            loaders = [threading.Thread(target=load, args=(wid,)) for wid in mon.members() for _ in range(3)]
-            for t in loaders:
-                t.start()
-            try:
+            with _loading(frontend, model, [wid for wid in mon.members() for _ in range(3)], max_tokens=120):
                 assert mon.wait_for(lambda: not mon.free_workers(), 60), mon.load_states()
                 before = app.config["forwarded"]
                 r = app.test_client().post("/v1/chat/completions", json={"model": model, "messages": []})
                 assert r.status_code == 503 and r.headers["Retry-After"] == "1"
                 assert app.config["forwarded"] == before
-            finally:
-                stop.set()
-                for t in loaders:
-                    t.join(180)
         finally:
             mon.stop()
             fleet.stop()
@@ -490,19 +499,7 @@ def test_admission_and_overloaded_agree_with_the_direct_mode_frontend(release: s
             ran_on = {int(m) for m in re.findall(r'"decode_worker_id":\s*(\d+)', r.get_data(as_text=True))}
             assert int(r.headers["X-Workermon-Worker"], 16) == b and ran_on == {b}
             # A real 529: load B over the frontend's threshold, then reserve it through the router.
-            stop = threading.Event()
-
-            def load() -> None:
-                while not stop.is_set():
-                    _post(f"{frontend}/v1/chat/completions",
-                          {"model": model, "max_tokens": 200, "ignore_eos": True, "min_tokens": 200,
-                           "messages": [{"role": "user", "content": "x" * 600}]},
-                          {"x-worker-instance-id": str(b)})
-
-            loaders = [threading.Thread(target=load) for _ in range(4)]
-            for t in loaders:
-                t.start()
-            try:
+            with _loading(frontend, model, [b] * 4, max_tokens=200):
                 over = THRESHOLD * mon.load_states()[b].kv_total_blocks  # type: ignore[operator]
                 assert mon.wait_for(lambda: max(mon.load_states()[b].kv_active_blocks.values(), default=0) > over,
                                     90), mon.load_states()
@@ -514,10 +511,6 @@ def test_admission_and_overloaded_agree_with_the_direct_mode_frontend(release: s
                 assert b in changes.get(timeout=10).became_busy
                 assert wait_until(lambda: mon.health().picker["in_flight"] == 0, 30)
                 assert not statuses.keys() - {529, 503, 200}, statuses
-            finally:
-                stop.set()
-                for t in loaders:
-                    t.join(240)
         finally:
             mon.stop()
             fleet.stop()
