@@ -197,3 +197,22 @@ def retry_pause(seconds: float = 0.1) -> None:
     import time
 
     time.sleep(seconds)
+
+
+class LoopbackServer:
+    """A server already bound to a free loopback port, served from a thread of its own until :meth:`close`."""
+
+    def __init__(self, server: Any, name: str) -> None:
+        import threading
+
+        self.server = server
+        self.port = int(server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=server.serve_forever, name=name)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+

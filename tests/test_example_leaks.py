@@ -6,20 +6,19 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import threading
 from typing import Any, Iterator, List, Tuple
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer
 
-from .helpers import Make, wait_until
+from .helpers import LoopbackServer, Make, wait_until
 
 
 
-class Upstream:
+class Upstream(LoopbackServer):
     """A worker (or direct-mode frontend) on loopback: 529 for the ids in ``overloaded``,
     the status a path names (``/status/204``), else 200 with who served it."""
 
@@ -62,16 +61,9 @@ class Upstream:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name=f"upstream-{name}")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        super().__init__(server, f"upstream-{name}")
 
 
 class Quiet(WSGIRequestHandler):
@@ -79,14 +71,11 @@ class Quiet(WSGIRequestHandler):
         pass
 
 
-class Serving:
+class Serving(LoopbackServer):
     """A WSGI app under wsgiref on loopback, in a thread (it closes every response it sends)."""
 
     def __init__(self, app: Any) -> None:
-        self.server: WSGIServer = make_server("127.0.0.1", 0, app, handler_class=Quiet)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name="wsgi-under-test")
-        self.thread.start()
+        super().__init__(make_server("127.0.0.1", 0, app, handler_class=Quiet), "wsgi-under-test")
 
     def request(self, method: str, path: str, body: bytes = b"") -> Tuple[int, bytes, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
@@ -96,11 +85,6 @@ class Serving:
             return resp.status, resp.read(), resp.headers
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture

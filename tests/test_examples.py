@@ -21,13 +21,13 @@ import pytest
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 
-from .helpers import Make, retry_pause
+from .helpers import LoopbackServer, Make, retry_pause
 from .test_cli import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Backend:
+class Backend(LoopbackServer):
     """A worker's HTTP endpoint: answers with its own name."""
 
     def __init__(self, name: str) -> None:
@@ -52,15 +52,7 @@ class Backend:
                 pass
 
         self.name = name
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name=f"backend-{name}")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        super().__init__(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler), f"backend-{name}")
 
 
 @pytest.fixture
