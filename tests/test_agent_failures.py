@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
@@ -197,6 +198,9 @@ def test_restart_with_reservations_held(etcd_server: EtcdServer, namespace: str,
         agent.start()
         assert client.wait_ready(20)
         assert client.version >= before  # a new agent counts from 0; the client never goes backwards
+        # The dead agent's shared memory is unmapped: one mapping of fleet.shm, the new agent's.
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        assert len([m for m in maps if os.path.join(sock_dir, "fleet.shm") in m]) == 1, maps
         new = client.reserve()
         assert new is not None and new.worker_id == pub.worker_id
         assert client.why(pub.worker_id).ranks[0].booked_blocks == 1  # only the new booking exists

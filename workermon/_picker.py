@@ -557,9 +557,15 @@ class SharedPicker(_Ledger):
         self.counters = Counters()
 
     def attach(self, fleet: Any, row: int) -> None:
-        """A (new) connection: the agent's mapping and this process's booking row in it."""
+        """A (new) connection: the agent's mapping and this process's booking row in it.
+
+        The picker owns the mapping from here: a new agent lifetime's mapping
+        replaces the old one, which is closed (under the lock no pick holds it).
+        """
         with self._lock:
             if fleet is not self._fleet:
+                if self._fleet is not None:
+                    self._fleet.close()
                 self._index_seq = -1
                 self._local.clear()
             self._fleet = fleet
@@ -575,6 +581,14 @@ class SharedPicker(_Ledger):
     @property
     def attached(self) -> bool:
         return self._fleet is not None
+
+    def close(self) -> None:
+        """The monitor stopped: no more picks from the mapping; it is closed."""
+        with self._lock:
+            self._row = -1
+            if self._fleet is not None:
+                self._fleet.close()
+                self._fleet = None
 
     def in_flight(self, worker_id: Optional[int] = None) -> int:
         """This process's live reservations (on ``worker_id``, or in all)."""

@@ -128,7 +128,7 @@ class SharedMonitor(BaseMonitor):
         # Workers this process saw answer 529: worker -> until (the agent's hold reaches the
         # shared memory a few ms later; this process leaves them out from the first moment).
         self._local_holds: Dict[int, float] = {}
-        self._fleets: List[SharedFleet] = []
+        self._fleet: Optional[SharedFleet] = None  # the agent's mapping (owned by the picker once attached)
         self.counters: Dict[str, int] = {}
         self.last_error: Optional[str] = None
         self._last_state_at: Optional[float] = None
@@ -324,10 +324,8 @@ class SharedMonitor(BaseMonitor):
                 self._deliver_initial()
                 backoff.wait()
         finally:
-            self._picker.detach()
+            self._picker.close()
             self._waker.close()
-            for fleet in self._fleets:
-                fleet.close()
 
     def _connect(self) -> Optional[sockets.socket]:
         sock = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
@@ -435,14 +433,14 @@ class SharedMonitor(BaseMonitor):
         except (KeyError, TypeError, ValueError):
             raise ConnectionError("malformed hello from the agent") from None
         if epoch != self._epoch:
-            fleet = SharedFleet.open(path, expect_epoch=epoch)  # checks owner and mode
-            self._fleets.append(fleet)
+            self._fleet = SharedFleet.open(path, expect_epoch=epoch)  # checks owner and mode
             if self._epoch is not None:
                 # A new agent lifetime: its versions start again at 0; ours never go backwards.
                 self._version_base = self._snapshot.version
                 self._count("agent_restarts")
             self._epoch = epoch
-        self._picker.attach(self._fleets[-1], row)
+        assert self._fleet is not None
+        self._picker.attach(self._fleet, row)
 
     def _apply_state(self, msg: Dict[str, Any]) -> None:
         try:
