@@ -151,10 +151,6 @@ class SharedFleet:
         (_, epoch, layout_seq, _, _, _, slots_used, procs_used, _, threshold, _) = _HEADER.unpack_from(self.mm, 0)
         return epoch, layout_seq, slots_used, threshold, procs_used
 
-    @property
-    def layout_seq(self) -> int:
-        return int(_U64.unpack_from(self.mm, 16)[0])
-
     # Each header field has one writer: the shared-memory writer thread the
     # layout and the threshold, the agent's socket thread the booking rows in use.
 

@@ -123,14 +123,6 @@ class Subscriber:
         if peer is not None:
             self._close(peer)
 
-    @property
-    def endpoints(self) -> Tuple[str, ...]:
-        return tuple(self._peers)
-
-    def connected(self) -> int:
-        """Connections past the handshake."""
-        return sum(1 for p in self._peers.values() if p.state == "ready")
-
     def close(self) -> None:
         for peer in list(self._peers.values()):
             self._close(peer)
