@@ -39,6 +39,7 @@ from ._protocol import (
     peer_uid,
     prepare_private_dir,
 )
+from ._model import check_worker_id
 from ._reduce import Counters
 from ._shm import SharedFleet, ShmLayout
 from ._waker import Waker
@@ -526,15 +527,15 @@ class Agent(threading.Thread):
             if t == "ping":
                 self._send(conn, {"t": "pong", "id": rid})
             elif t == "overloaded":
-                mon.overloaded(_worker_id(msg.get("worker_id")))
+                mon.overloaded(check_worker_id(msg.get("worker_id")))
             elif t == "why":
                 blocks = msg.get("blocks")
-                value = mon.why(_worker_id(msg.get("worker_id")), blocks=blocks)
+                value = mon.why(check_worker_id(msg.get("worker_id")), blocks=blocks)
                 self._reply(conn, rid, attrs.asdict(value, recurse=True))
             elif t == "load_states":
                 self._reply(conn, rid, {wid: _plain(attrs.asdict(st)) for wid, st in mon.load_states().items()})
             elif t == "load_state":
-                st = mon.load_state(_worker_id(msg.get("worker_id")))
+                st = mon.load_state(check_worker_id(msg.get("worker_id")))
                 self._reply(conn, rid, None if st is None else _plain(attrs.asdict(st)))
             elif t == "health":
                 h = mon.health()
@@ -555,14 +556,6 @@ class Agent(threading.Thread):
 
     def _reply(self, conn: _Conn, rid: Any, value: Any) -> None:
         self._send(conn, {"t": "reply", "id": rid, "value": value})
-
-
-def _worker_id(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"a worker id must be an integer, got {value!r}"[:200])
-    if not -(1 << 63) <= value < (1 << 64):
-        raise ValueError(f"worker id {value} is outside the 64-bit range")
-    return value
 
 
 def _plain(st: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Literal, Mapping, Optional, Tuple, Union
 
 import attrs
 
@@ -50,6 +50,15 @@ def normalize_worker_id(value: int) -> int:
     if value < I64_MIN or value >= U64:
         raise ValueError(f"worker id {value} is outside the 64-bit range")
     return value + U64 if value < 0 else value
+
+
+def check_worker_id(value: Any) -> int:
+    """``value`` unchanged if it is a worker id in either Dynamo convention (an ``int`` in
+    ``[-2**63, 2**64)``); ``TypeError`` or ``ValueError`` otherwise, for ids from callers and peers."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"worker_id must be an integer, got {value!r}"[:200])
+    normalize_worker_id(value)  # raises ValueError outside the 64-bit range
+    return value
 
 
 def _empty_mapping() -> Mapping[int, int]:

@@ -39,7 +39,7 @@ import attrs
 
 from ._base import BaseMonitor, CallbackHandle, Snapshot, live_monitors
 from ._health import Backoff, Health, SourceHealth
-from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState
+from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState, check_worker_id, normalize_worker_id
 from ._picker import Reservation, SharedPicker, check_blocks
 from ._protocol import (
     MAX_REPLY,
@@ -211,8 +211,7 @@ class SharedMonitor(BaseMonitor):
 
     def in_flight(self, worker_id: int) -> int:
         """Reservations this process holds on ``worker_id`` (every process's bookings: ``why()``).  Any thread."""
-        worker_id = _check_id(worker_id)
-        return self._picker.in_flight(worker_id + (1 << 64) if worker_id < 0 else worker_id)
+        return self._picker.in_flight(normalize_worker_id(check_worker_id(worker_id)))
 
     def overloaded(self, worker_id: int) -> None:
         """The frontend answered 529 for a request on ``worker_id``: as :meth:`WorkerMonitor.overloaded`.
@@ -220,9 +219,7 @@ class SharedMonitor(BaseMonitor):
         The agent holds it busy host-wide; this process leaves it out of its
         picks at once, for ``overload_hold`` seconds.  Never blocks; any thread.
         """
-        worker_id = _check_id(worker_id)
-        if worker_id < 0:
-            worker_id += 1 << 64
+        worker_id = normalize_worker_id(check_worker_id(worker_id))
         if self.overload_hold > 0:
             self._local_holds[worker_id] = time.monotonic() + self.overload_hold
         self._send({"t": "overloaded", "worker_id": worker_id})
@@ -231,7 +228,7 @@ class SharedMonitor(BaseMonitor):
 
     def why(self, worker_id: int, *, blocks: Optional[int] = None) -> Explanation:
         """As :meth:`WorkerMonitor.why`, as the agent sees it.  Any thread."""
-        worker_id = _check_id(worker_id)
+        worker_id = check_worker_id(worker_id)
         if blocks is not None:
             check_blocks(blocks)
         value = self._require({"t": "why", "worker_id": worker_id, "blocks": blocks})
@@ -247,7 +244,7 @@ class SharedMonitor(BaseMonitor):
 
     def load_state(self, worker_id: int) -> Optional[WorkerLoadState]:
         """One worker's state from the agent, or None.  Any thread."""
-        value = self._require({"t": "load_state", "worker_id": _check_id(worker_id)})
+        value = self._require({"t": "load_state", "worker_id": check_worker_id(worker_id)})
         return None if value is None else _load_state(value)
 
     def set_thresholds(self, **changes: Any) -> Thresholds:
@@ -583,14 +580,6 @@ class SharedMonitor(BaseMonitor):
         state = "connected" if self._connected else "disconnected"
         return (f"<SharedMonitor {state} {self.socket_path} members={len(self._snapshot.members)} "
                 f"busy={len(self._snapshot.busy)} version={self._snapshot.version}>")
-
-
-def _check_id(worker_id: Any) -> int:
-    if isinstance(worker_id, bool) or not isinstance(worker_id, int):
-        raise TypeError(f"worker_id must be an int, got {worker_id!r}"[:200])
-    if not -(1 << 63) <= worker_id < (1 << 64):
-        raise ValueError(f"worker id {worker_id} is outside the 64-bit range")
-    return worker_id
 
 
 def _load_state(st: Dict[str, Any]) -> WorkerLoadState:
