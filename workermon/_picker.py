@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Collection, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Literal, Optional, Tuple
 
 from ._reduce import Counters, FleetState, rank_verdict
 
@@ -241,7 +241,7 @@ class Picker(_Ledger):
         free = self._free()
         assess_one = self._assess
         if exclude:
-            excluded = frozenset(e + (1 << 64) if e < 0 else e for e in exclude)
+            excluded = _unsigned(exclude)
 
             def assess(wid: int) -> Optional[_Assessment]:
                 return None if wid in excluded else assess_one(wid, blocks, model, worker_type)
@@ -382,6 +382,11 @@ def check_blocks(blocks: Any) -> int:
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
         raise ValueError(f"blocks must be an integer >= 0, got {blocks!r}")
     return blocks
+
+
+def _unsigned(ids: Collection[int]) -> FrozenSet[int]:
+    """Worker ids a caller named, in the unsigned form the fleet is keyed by."""
+    return frozenset(i + (1 << 64) if i < 0 else i for i in ids)
 
 
 def _describe(a: _Assessment) -> str:
@@ -603,7 +608,7 @@ class SharedPicker(_Ledger):
 
         strategy = self.strategy if strategy is None else check_strategy(strategy)
         blocks = self.default_blocks if blocks is None else check_blocks(blocks)
-        excluded = frozenset(e + (1 << 64) if e < 0 else e for e in exclude)
+        excluded = _unsigned(exclude)
         want_model = None if model is None else model_hash(model)
         want_type = None if worker_type is None else model_hash(worker_type)
         with self._lock:
