@@ -39,7 +39,15 @@ import attrs
 
 from ._base import BaseMonitor, CallbackHandle, Snapshot, live_monitors
 from ._health import Backoff, Health, SourceHealth
-from ._model import BusyChange, Explanation, RankExplanation, Thresholds, WorkerLoadState, check_worker_id, normalize_worker_id
+from ._model import (
+    BusyChange,
+    Explanation,
+    RankExplanation,
+    Thresholds,
+    WorkerLoadState,
+    check_worker_id,
+    normalize_worker_id,
+)
 from ._picker import Reservation, SharedPicker, check_blocks
 from ._protocol import (
     MAX_REPLY,
@@ -50,6 +58,7 @@ from ._protocol import (
     encode_frame,
     peer_uid,
 )
+from ._reduce import Counters
 from ._shm import SharedFleet
 from ._waker import Waker
 from .options import Reconnect
@@ -129,7 +138,7 @@ class SharedMonitor(BaseMonitor):
         # shared memory a few ms later; this process leaves them out from the first moment).
         self._local_holds: Dict[int, float] = {}
         self._fleet: Optional[SharedFleet] = None  # the agent's mapping (owned by the picker once attached)
-        self.counters: Dict[str, int] = {}
+        self.counters = Counters()
         self.last_error: Optional[str] = None
         self._last_state_at: Optional[float] = None
         self._owner_pid = os.getpid()
@@ -316,7 +325,7 @@ class SharedMonitor(BaseMonitor):
                         self._disconnected(sock)
                     if self._stopping.is_set():
                         break
-                    self._count("disconnects")
+                    self.counters.inc("disconnects")
                 # Callbacks registered while the agent is away still get the last state.
                 self._deliver_initial()
                 backoff.wait()
@@ -344,7 +353,7 @@ class SharedMonitor(BaseMonitor):
             self._outbox.clear()
         self._connected = True
         self._hung = False
-        self._count("connects")
+        self.counters.inc("connects")
         return sock
 
     def _disconnected(self, sock: sockets.socket) -> None:
@@ -386,7 +395,7 @@ class SharedMonitor(BaseMonitor):
                     try:
                         msgs = reader.feed(data)
                     except FrameError as exc:
-                        self._count("malformed")
+                        self.counters.inc("malformed")
                         raise ConnectionError(f"malformed bytes from the agent: {exc}") from None
                     for msg in msgs:
                         self._on_frame(msg)
@@ -396,7 +405,7 @@ class SharedMonitor(BaseMonitor):
                     self._send({"t": "ping"})
                 if now - last_rx > self.hung_after and not self._hung:
                     self._hung = True  # it does not answer our pings: not ready, picking goes on
-                    self._count("hung")
+                    self.counters.inc("hung")
                     self._note_error(f"the agent at {self.socket_path} has not answered for {self.hung_after:g} s")
                     with self._changed:
                         self._changed.notify_all()
@@ -421,7 +430,7 @@ class SharedMonitor(BaseMonitor):
         elif t == "refused":
             raise PermissionError(str(msg.get("error"))[:300])
         else:
-            self._count("malformed")
+            self.counters.inc("malformed")
             raise ConnectionError(f"unknown frame {str(t)[:40]!r} from the agent")
 
     def _hello(self, msg: Dict[str, Any]) -> None:
@@ -434,7 +443,7 @@ class SharedMonitor(BaseMonitor):
             if self._epoch is not None:
                 # A new agent lifetime: its versions start again at 0; ours never go backwards.
                 self._version_base = self._snapshot.version
-                self._count("agent_restarts")
+                self.counters.inc("agent_restarts")
             self._epoch = epoch
         assert self._fleet is not None
         self._picker.attach(self._fleet, row)
@@ -448,7 +457,7 @@ class SharedMonitor(BaseMonitor):
                 raise TypeError("worker ids must be integers")
             version = self._version_base + int(msg["version"])
         except (KeyError, TypeError, ValueError):
-            self._count("malformed")
+            self.counters.inc("malformed")
             raise ConnectionError("malformed state from the agent") from None
         if not msg.get("ready") and self._had_ready_state:
             # A restarted agent that has not listed the fleet yet: its view is incomplete;
@@ -479,7 +488,7 @@ class SharedMonitor(BaseMonitor):
                     try:
                         handle.callback(change)
                     except Exception:  # noqa: BLE001
-                        self._count("callback_errors")
+                        self.counters.inc("callback_errors")
                         log.exception("workermon callback %r raised; the others still run", handle)
 
     def _deliver_initial(self) -> None:
@@ -493,7 +502,7 @@ class SharedMonitor(BaseMonitor):
                 try:
                     handle.callback(BusyChange(snap.busy, snap.busy, frozenset(), frozenset(), snap.version))
                 except Exception:  # noqa: BLE001
-                    self._count("callback_errors")
+                    self.counters.inc("callback_errors")
                     log.exception("workermon callback %r raised", handle)
 
     def _poke(self) -> None:
@@ -508,7 +517,7 @@ class SharedMonitor(BaseMonitor):
             if sock is None:
                 return False
             if len(self._outbox) + len(frame) > _MAX_OUTBOX:
-                self._count("send_dropped")
+                self.counters.inc("send_dropped")
                 return False
             self._outbox += frame
             try:
@@ -550,7 +559,7 @@ class SharedMonitor(BaseMonitor):
             return None
         if not slot[0].wait(timeout):
             self._waiting.pop(rid, None)
-            self._count("timeouts")
+            self.counters.inc("timeouts")
             return None
         return slot[1]  # type: ignore[no-any-return]
 
@@ -567,9 +576,6 @@ class SharedMonitor(BaseMonitor):
         for slot in list(self._waiting.values()):
             slot[0].set()
         self._waiting.clear()
-
-    def _count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:
