@@ -351,6 +351,7 @@ def test_select_round_robin_and_least_loaded_name_the_next_reserve() -> None:
 
 def test_why_marks_a_rank_full_for_reserve_as_not_pickable() -> None:
     s, p, _ = _picker(put(A, 1, total=100))
+    p.overflow = "refuse"
     s.apply_load_fields(A, 0, 85, None, None, None, 0.0)
     held = [p.pick(book=True) for _ in range(5)]  # 85 + 5 = 90: full for the next one
     assert all(h is not None for h in held) and p.pick(book=True) is None

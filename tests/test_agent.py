@@ -393,3 +393,22 @@ def test_agent_over_the_zmq_plane(etcd_server: EtcdServer, namespace: str, sock_
         pub.stop()
         assert a.stop(5)
         assert mon.stop(5)
+
+
+def test_shared_monitors_follow_the_agents_strategy_unless_they_set_one(
+        make_monitor: Make, sock_path: str, shared: Any) -> None:
+    # `workermon agent --strategy least_loaded --overflow refuse`: every router
+    # process that names no strategy of its own picks that way.
+    mon = make_monitor(strategy="least_loaded", overflow="refuse")
+    mon.start()
+    assert mon.wait_ready(10)
+    a = Agent(mon, sock_path).bind()
+    a.start()
+    try:
+        follower = shared()
+        own = shared(strategy="random", overflow="steer")
+        assert follower.wait_ready(10) and own.wait_ready(10)
+        assert (follower.strategy, follower.overflow) == ("least_loaded", "refuse")
+        assert (own.strategy, own.overflow) == ("random", "steer")
+    finally:
+        assert a.stop(5)

@@ -14,7 +14,7 @@ import pytest
 
 from workermon import Reservation
 from workermon._model import Card, CardPut, LoadReport, Thresholds
-from workermon._picker import Picker
+from workermon._picker import STRATEGIES, Picker
 from workermon._reduce import FleetState, apply_all
 
 from .helpers import Make, RawNatsPublisher, active_load, card_json, card_key
@@ -31,11 +31,11 @@ class Clock:
 
 
 def fleet(*cards: CardPut, th: Optional[Thresholds] = None, ttl: float = 300.0,
-          strategy: str = "p2c") -> "tuple[FleetState, Picker, Clock]":
+          strategy: str = "p2c", overflow: str = "steer") -> "tuple[FleetState, Picker, Clock]":
     s = FleetState(th or Thresholds(busy_threshold=0.9))
     apply_all(s, cards, 0.0)
     clock = Clock()
-    picker = Picker(s, lambda: tuple(sorted(s.members - s.busy)), clock, strategy, ttl)
+    picker = Picker(s, lambda: tuple(sorted(s.members - s.busy)), clock, strategy, ttl, overflow=overflow)
     return s, picker, clock
 
 
@@ -62,7 +62,7 @@ def test_a_report_after_the_booking_cancels_it() -> None:
 
 
 def test_a_report_before_the_booking_does_not_cancel_it() -> None:
-    s, p, _ = fleet(put(A))
+    s, p, _ = fleet(put(A), overflow="refuse")
     apply_all(s, [LoadReport(A, 0, 50)], 0.0)
     r = reserve(p, blocks=30)
     assert r is not None and p.booked(A, 0) == 30
@@ -153,7 +153,7 @@ def test_exclude_for_a_retry() -> None:
 
 
 def test_none_when_every_member_is_busy_or_predicted_busy() -> None:
-    s, p, _ = fleet(put(A), put(B))
+    s, p, _ = fleet(put(A), put(B), overflow="refuse")
     apply_all(s, [LoadReport(A, 0, 95), LoadReport(B, 0, 85)], 0.0)
     assert reserve(p, blocks=4) is not None   # B: 85 + 4 = 89
     assert reserve(p, blocks=4) is None       # B: 89 + 4 = 93 > 90; A is busy
@@ -291,3 +291,37 @@ def test_reserve_end_to_end(make_monitor: Make, etcd: Any, namespace: str, publi
     assert mon.health().picker["reserved"] == 1
     for wid in ids:
         etcd.delete(card_key(namespace, wid))
+
+
+def test_steer_books_the_roomiest_free_worker_when_none_has_room() -> None:
+    # overflow="steer" (the default): refuse only when the frontend would (every
+    # worker busy by the rule); when the request fits nowhere, the free worker
+    # with the lowest predicted utilisation (its capacity counted) takes it.
+    for strategy in STRATEGIES:
+        s, p, _ = fleet(put(A, 100), put(B, 400), strategy=strategy)
+        apply_all(s, [LoadReport(A, 0, 50), LoadReport(B, 0, 300)], 0.0)
+        r = reserve(p, blocks=100)  # fits neither (A 150 > 90, B 400 > 360): A 0.50 < B 0.75
+        assert r is not None and r.worker_id == A and p.counters["steered"] == 1
+        assert "steer" in r.reason
+        r2 = reserve(p, blocks=100)  # A now 1.50 predicted, B 0.75
+        assert r2 is not None and r2.worker_id == B
+        r3 = reserve(p, blocks=10)  # still fits nowhere: B 1.00 < A 1.50
+        assert r3 is not None and r3.worker_id == B and p.counters["steered"] == 3
+        r2.release()
+        r3.release()
+        r4 = reserve(p, blocks=10)  # B fits again (300 + 10 ≤ 360): no steering needed
+        assert r4 is not None and r4.worker_id == B and p.counters["steered"] == 3
+        apply_all(s, [LoadReport(A, 0, 95), LoadReport(B, 0, 390)], 1.0)
+        assert s.busy == {A, B} and reserve(p, blocks=1) is None and p.counters["rejected"] == 1
+
+
+def test_steer_prefers_any_worker_with_room_over_the_roomiest_overflow() -> None:
+    s, p, _ = fleet(put(A, 100), put(B, 1000))
+    apply_all(s, [LoadReport(A, 0, 10), LoadReport(B, 0, 850)], 0.0)
+    # A fits 60 more (70 ≤ 90), B does not (910 > 900): every draw must take A,
+    # never steer, whatever p2c samples.
+    for _ in range(20):
+        r = reserve(p, blocks=60)
+        assert r is not None and r.worker_id == A
+        r.release()
+    assert p.counters.get("steered", 0) == 0

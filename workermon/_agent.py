@@ -422,7 +422,8 @@ class Agent(threading.Thread):
             self._sel.register(sock, selectors.EVENT_READ, conn)
             self.counters.inc("connections")
             self._send(conn, {"t": "hello", "shm": self.shm_path, "epoch": self._fleet.epoch,
-                              "row": row, "pid": os.getpid()})
+                              "row": row, "pid": os.getpid(), "strategy": self.monitor.strategy,
+                              "overflow": self.monitor.overflow})
             self._send(conn, self._state_msg())
 
     def _refuse(self, sock: socket.socket, why: str) -> None:

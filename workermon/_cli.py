@@ -22,6 +22,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from . import __version__
 from ._model import BusyChange, WorkerLoadState
+from ._picker import OVERFLOW, STRATEGIES
 from ._monitor import FROM_ENV, WorkerMonitor
 from .options import TLS, EtcdOptions, NatsOptions
 
@@ -254,7 +255,8 @@ def _monitor_from_args(args: argparse.Namespace) -> WorkerMonitor:
                              busy_threshold=args.busy_threshold, component=args.component,
                              endpoint=args.endpoint, event_plane=args.event_plane,
                              zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV,
-                             etcd=etcd, nats=nats)
+                             etcd=etcd, nats=nats, strategy=getattr(args, "strategy", "p2c"),
+                             overflow=getattr(args, "overflow", "steer"))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -454,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "$XDG_RUNTIME_DIR/workermon/agent.sock, else /tmp/workermon-<uid>/agent.sock)")
     a.add_argument("--busy-threshold", type=_threshold, default=0.9, metavar="F",
                    help="busy when active KV blocks > F × total (default 0.9)")
+    a.add_argument("--strategy", choices=STRATEGIES, default=os.environ.get("WORKERMON_STRATEGY", "p2c"),
+                   help="the routers' default strategy (SharedMonitor(strategy=None)); default $WORKERMON_STRATEGY "
+                        "or p2c")
+    a.add_argument("--overflow", choices=OVERFLOW, default=os.environ.get("WORKERMON_OVERFLOW", "steer"),
+                   help="reserve(blocks=N) when no free worker has room: steer to the roomiest one the frontend "
+                        "would serve (default), or refuse; default $WORKERMON_OVERFLOW or steer")
     a.add_argument("--duration", type=_positive, default=None, metavar="S", help="exit after S seconds")
     a.add_argument("--max-workers", type=_count, default=16384, metavar="N",
                    help="workers the shared memory holds (default 16384)")

@@ -47,7 +47,7 @@ from ._model import (
     Thresholds,
     WorkerLoadState,
 )
-from ._picker import Picker, Reservation, Strategy, check_blocks
+from ._picker import Overflow, Picker, Reservation, Strategy, check_blocks
 from ._reduce import FleetState
 from ._sources import Source, build_sources, source_configs
 from ._sources.etcd import EtcdSource
@@ -104,6 +104,7 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         reservation_ttl: float = 300.0,
         admission: bool = True,
         overload_hold: float = 1.0,
+        overflow: Overflow = "steer",
         _clock: Callable[[], float] = time.monotonic,
         **deprecated: Any,
     ) -> None:
@@ -123,7 +124,7 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         self._state = FleetState(cfg.thresholds, cfg.limits, admission=bool(admission))
         self._max_load_bytes = cfg.limits.max_load_bytes
         self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl,
-                              overloaded=self._mark_overloaded)
+                              overloaded=self._mark_overloaded, overflow=overflow)
         self.event_plane: EventPlane = cfg.event_plane
         self.nats_required = cfg.nats_required
         self.static = cfg.static
@@ -392,6 +393,16 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         chosen = self._picker.pick(book=True, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
                                    worker_type=worker_type)
         return None if chosen is None else chosen[3]
+
+    @property
+    def strategy(self) -> str:
+        """The strategy ``reserve()``/``select()`` use when not given one."""
+        return self._picker.strategy
+
+    @property
+    def overflow(self) -> str:
+        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``."""
+        return self._picker.overflow
 
     def in_flight(self, worker_id: int) -> int:
         """Reservations held on ``worker_id`` now (expired ones dropped first).  Any thread."""

@@ -27,10 +27,12 @@ from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterato
 
 from ._reduce import Counters, FleetState, rank_verdict
 
-__all__ = ["Picker", "Reservation", "STRATEGIES", "SharedPicker", "Strategy", "best_rank", "choose"]
+__all__ = ["OVERFLOW", "Overflow", "Picker", "Reservation", "STRATEGIES", "SharedPicker", "Strategy", "best_rank", "choose"]
 
 Strategy = Literal["p2c", "least_loaded", "round_robin", "random"]
 STRATEGIES: Tuple[str, ...] = ("p2c", "least_loaded", "round_robin", "random")
+Overflow = Literal["steer", "refuse"]
+OVERFLOW: Tuple[str, ...] = ("steer", "refuse")
 _MAX_RANKS_SCANNED = 1024
 _SAMPLES = 8  # random draws before a random strategy falls back to a scan
 
@@ -170,8 +172,10 @@ class Picker(_Ledger):
         reservation_ttl: float = 300.0,
         default_blocks: int = 1,
         overloaded: Optional[Callable[[int], None]] = None,
+        overflow: str = "steer",
     ) -> None:
         check_strategy(strategy)
+        self.overflow = check_overflow(overflow)
         if not isinstance(reservation_ttl, (int, float)) or isinstance(reservation_ttl, bool) or not (
             0 < reservation_ttl < float("inf")
         ):
@@ -240,20 +244,20 @@ class Picker(_Ledger):
         blocks = self.default_blocks if blocks is None else check_blocks(blocks)
         free = self._free()
         assess_one = self._assess
-        if exclude:
-            excluded = _unsigned(exclude)
+        excluded = _unsigned(exclude) if exclude else frozenset()
 
-            def assess(wid: int) -> Optional[_Assessment]:
-                return None if wid in excluded else assess_one(wid, blocks, model, worker_type)
-        else:
-            def assess(wid: int) -> Optional[_Assessment]:
-                return assess_one(wid, blocks, model, worker_type)
+        def assess(wid: int) -> Optional[_Assessment]:
+            return None if wid in excluded else assess_one(wid, blocks, model, worker_type, False)
+
+        def steer(wid: int) -> Optional[_Assessment]:
+            return None if wid in excluded else assess_one(wid, blocks, model, worker_type, True)
         with self._lock:
             now = self._clock()
             bookings = self._bookings
             if bookings and next(iter(bookings.values())).deadline <= now:
                 self._expire(now)
-            settled = settle(self.counters, choose(strategy, self, free, assess, book), book)
+            chosen = choose(strategy, self, free, assess, book, steer if self.overflow == "steer" else None)
+            settled = settle(self.counters, chosen, book)
             if settled is None or not book:
                 return settled
             wid, rank, reason, _ = settled
@@ -271,13 +275,14 @@ class Picker(_Ledger):
             return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
                                                   self._overloaded)
 
-    def _assess(self, wid: int, blocks: int, model: Optional[str], worker_type: Optional[str]) -> Optional[_Assessment]:
+    def _assess(self, wid: int, blocks: int, model: Optional[str], worker_type: Optional[str],
+                overflow: bool = False) -> Optional[_Assessment]:
         """Whether ``wid`` can take ``blocks`` more, on which rank, at what predicted utilisation.
 
         A rank qualifies only when the busy rule calls it free right now (the
         same verdict, thresholds and hysteresis memory as the busy set) and,
         with a known capacity, its reported load plus its bookings plus this
-        request stays within ``busy_threshold × total``.
+        request stays within ``busy_threshold × total`` (unless ``overflow``).
         """
         state = self._state
         w = state.workers.get(wid)
@@ -297,7 +302,7 @@ class Picker(_Ledger):
         credit = self._credit
         ranks = w.ranks
         best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end, self.external), total, threshold,
-                         blocks)
+                         blocks, overflow)
         if best is None:
             return None  # every rank busy or predicted busy
         if best[2] is not None:
@@ -346,21 +351,23 @@ def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit:
 
 
 def best_rank(free_ranks: Iterable[Tuple[int, int, int]], total: Optional[int], threshold: Optional[float],
-              blocks: int) -> Optional[Tuple[float, int, Optional[float]]]:
+              blocks: int, overflow: bool = False) -> Optional[Tuple[float, int, Optional[float]]]:
     """The rank to book among ``(rank, reported load, booked blocks)`` of ranks the rule calls free.
 
     With a known capacity and the KV rule on: the lowest predicted
     utilisation among ranks where ``load + booked + blocks ≤ threshold ×
-    total``: ``(utilisation, rank, utilisation)``.  Otherwise the rank with
-    the fewest blocks booked: ``(booked, rank, None)``.  None: no rank can
-    take the request.  Shared by the in-process and the shared-memory pickers.
+    total``: ``(utilisation, rank, utilisation)``; with ``overflow``, among
+    every rank the rule calls free (the frontend would take the request
+    there).  Otherwise the rank with the fewest blocks booked: ``(booked,
+    rank, None)``.  None: no rank can take the request.  Shared by the
+    in-process and the shared-memory pickers.
     """
     best: Optional[Tuple[float, int, Optional[float]]] = None
     if total and threshold is not None:
         limit = threshold * total
         for rank_id, load, booked in free_ranks:
             predicted = load + booked
-            if predicted + blocks > limit:
+            if predicted + blocks > limit and not overflow:
                 continue  # this request would take the rank over the busy rule
             util = predicted / total
             if best is None or util < best[0]:
@@ -370,6 +377,12 @@ def best_rank(free_ranks: Iterable[Tuple[int, int, int]], total: Optional[int], 
         if best is None or booked < best[0]:
             best = (float(booked), rank_id, None)
     return best
+
+
+def check_overflow(overflow: Any) -> str:
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}; got {overflow!r}")
+    return str(overflow)
 
 
 def check_strategy(strategy: Any) -> str:
@@ -499,13 +512,25 @@ def settle(counters: Counters, chosen: Chosen, book: bool
 
 
 def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]],
-           book: bool) -> Chosen:
+           book: bool, steer: Optional[Callable[[int], Optional[_Assessment]]] = None) -> Chosen:
     """Apply a strategy over ``free`` with ``assess``; ``draws`` holds ``_rng`` and the round-robin
-    cursor ``_rr`` (a dry run leaves the cursor where the next booking will find it)."""
+    cursor ``_rr`` (a dry run leaves the cursor where the next booking will find it).
+
+    ``steer`` (``overflow="steer"``): when no free worker has room for the
+    request, the one ``steer`` rates most roomy among those the busy rule
+    calls free — the frontend would serve it there; refusing would only shed.
+    """
     rr = draws._rr
     chosen = _STRATEGY_IMPL[strategy](draws, free, assess)
     if not book:
         draws._rr = rr
+    if chosen is None and steer is not None:
+        best = _scan(free, steer)
+        if best is not None:
+            wid, a, _ = best
+            draws.counters.inc("steered")
+            chosen = wid, a, lambda: (f"steer: no free worker has room for this request; {wid:x} has the most "
+                                      f"room left ({_describe(a)})")
     return chosen
 
 
@@ -540,10 +565,11 @@ class SharedPicker(_Ledger):
     """
 
     def __init__(self, strategy: str = "p2c", reservation_ttl: float = 300.0, default_blocks: int = 1,
-                 overloaded: Optional[Callable[[int], None]] = None) -> None:
+                 overloaded: Optional[Callable[[int], None]] = None, overflow: str = "steer") -> None:
         from ._shm import SharedFleet
 
         self.strategy = check_strategy(strategy)
+        self.overflow = check_overflow(overflow)
         self.reservation_ttl = reservation_ttl
         self.default_blocks = check_blocks(default_blocks)
         self._overloaded = overloaded
@@ -628,7 +654,7 @@ class SharedPicker(_Ledger):
             local = self._local
             where: Dict[int, Tuple[int, int, List[Tuple[int, int, int]]]] = {}
 
-            def assess(wid: int) -> Optional[_Assessment]:
+            def assess(wid: int, overflow: bool = False) -> Optional[_Assessment]:
                 if wid in excluded:
                     return None
                 slot = index.get(wid)
@@ -649,7 +675,7 @@ class SharedPicker(_Ledger):
                     if acc is not None and acc[0] == seq:
                         booked += acc[1]
                     free_ranks.append((dp_start + i, 0 if load == NONE32 else load, booked))
-                best = best_rank(free_ranks, None if total == NONE32 else total, threshold, blocks)
+                best = best_rank(free_ranks, None if total == NONE32 else total, threshold, blocks, overflow)
                 if best is None:
                     return None
                 where[wid] = (first, dp_start, ranks)
@@ -658,7 +684,10 @@ class SharedPicker(_Ledger):
                     return (0, best[2]), best[1], best[2], inflight
                 return (1, best[0]), best[1], None, inflight
 
-            settled = settle(self.counters, choose(strategy, self, free, assess, book), book)
+            def steer(wid: int) -> Optional[_Assessment]:
+                return assess(wid, True)
+            chosen = choose(strategy, self, free, assess, book, steer if self.overflow == "steer" else None)
+            settled = settle(self.counters, chosen, book)
             if settled is None or not book:
                 return settled
             wid, rank, reason, _ = settled

@@ -48,7 +48,7 @@ from ._model import (
     check_worker_id,
     normalize_worker_id,
 )
-from ._picker import Reservation, SharedPicker, check_blocks
+from ._picker import OVERFLOW, STRATEGIES, Overflow, Reservation, SharedPicker, Strategy, check_blocks
 from ._protocol import (
     MAX_REPLY,
     FrameError,
@@ -80,15 +80,19 @@ class SharedMonitor(BaseMonitor):
     Create it after fork (gunicorn ``post_fork``), like ``WorkerMonitor``.
     ``socket``: the agent's socket (default ``$WORKERMON_AGENT_SOCKET``, else
     a per-user runtime path: see ``workermon agent --help``).
-    ``strategy`` and ``reservation_ttl``: as for ``WorkerMonitor``.
+    ``strategy``, ``overflow`` and ``reservation_ttl``: as for ``WorkerMonitor``;
+    ``strategy`` and ``overflow`` left None follow the agent's (``workermon
+    agent --strategy/--overflow``; ``"p2c"`` and ``"steer"`` until it says).
     ``hung_after``: seconds without any frame from the agent (it is pinged
     every second) after which ``ready`` turns False; ``reconnect``: the
     back-off between connection attempts (default 50 ms → 1 s).
     """
 
     def __init__(self, socket: Optional[str] = None, *, request_timeout: float = 1.0,
-                 reconnect: Optional[Reconnect] = None, strategy: str = "p2c", reservation_ttl: float = 300.0,
-                 overload_hold: float = 1.0, hung_after: float = 2.0, **deprecated: Any) -> None:
+                 reconnect: Optional[Reconnect] = None, strategy: Optional[Strategy] = None,
+                 reservation_ttl: float = 300.0, overload_hold: float = 1.0, hung_after: float = 2.0,
+                 overflow: Optional[Overflow] = None,
+                 **deprecated: Any) -> None:
         unknown = set(deprecated) - {"timeout", "backoff_initial", "backoff_cap"}
         if unknown:
             raise TypeError(f"SharedMonitor() got an unexpected keyword argument {sorted(unknown)[0]!r}")
@@ -110,7 +114,9 @@ class SharedMonitor(BaseMonitor):
         self.hung_after = hung_after
         self.overload_hold = float(overload_hold)
         self.reconnect = reconnect if reconnect is not None else Reconnect(0.05, 1.0)
-        self._picker = SharedPicker(strategy, reservation_ttl, overloaded=self.overloaded)
+        self._own_defaults = (strategy, overflow)
+        self._picker = SharedPicker(strategy or "p2c", reservation_ttl, overloaded=self.overloaded,
+                                    overflow=overflow or "steer")
         self._snapshot = Snapshot(frozenset(), frozenset(), 0)
         self._agent_ready = False
         self._had_ready_state = False
@@ -188,6 +194,16 @@ class SharedMonitor(BaseMonitor):
         return self._connected and self._agent_ready and not self._hung and not self._stopping.is_set()
 
     # --- picking: in this process, from the shared memory ------------------------------
+
+    @property
+    def strategy(self) -> str:
+        """The strategy ``reserve()``/``select()`` use when not given one."""
+        return self._picker.strategy
+
+    @property
+    def overflow(self) -> str:
+        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``."""
+        return self._picker.overflow
 
     def reserve(self, *, strategy: Optional[str] = None, exclude: Collection[int] = (), blocks: Optional[int] = None,
                 model: Optional[str] = None, worker_type: Optional[str] = None) -> Optional[Reservation]:
@@ -447,6 +463,12 @@ class SharedMonitor(BaseMonitor):
             self._epoch = epoch
         assert self._fleet is not None
         self._picker.attach(self._fleet, row)
+        strategy, overflow = self._own_defaults
+        # The agent's defaults, where this process set none (an older agent sends none).
+        if strategy is None and msg.get("strategy") in STRATEGIES:
+            self._picker.strategy = str(msg["strategy"])
+        if overflow is None and msg.get("overflow") in OVERFLOW:
+            self._picker.overflow = str(msg["overflow"])
 
     def _apply_state(self, msg: Dict[str, Any]) -> None:
         try:
