@@ -68,7 +68,7 @@ def fleet(etcd_server: EtcdServer, nats_server: NatsServer, namespace: str) -> I
 
 
 def test_flask_router(make_monitor: Make, fleet: List[Tuple[WorkerPublisher, Backend]]) -> None:
-    from examples.flask_router import create_app
+    from examples.flask_router import RouterSettings, create_app
 
     (pa, ba), (pb, bb) = fleet
     urls = {pa.worker_id: ba.url, pb.worker_id: bb.url}
@@ -91,8 +91,10 @@ def test_flask_router(make_monitor: Make, fleet: List[Tuple[WorkerPublisher, Bac
     pb.report(95)
     assert mon.wait_for(lambda: mon.busy_workers() == set(urls), 10)
     r = client.get("/v1/models")
-    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert r.status_code == 529 and r.headers["Retry-After"] == "1"  # as Dynamo 1.3+ answers
     assert r.get_json()["error"]["message"] == "All workers are busy, please retry later"
+    old = create_app(mon, worker_url=urls.get, settings=RouterSettings(overload_status=503)).test_client()
+    assert old.get("/v1/models").status_code == 503  # configurable, for clients of older Dynamo
 
     pa.report(10)
     assert mon.wait_for(lambda: not mon.is_busy(pa.worker_id), 10)

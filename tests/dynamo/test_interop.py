@@ -14,18 +14,22 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import msgspec
 import pytest
 
 from workermon import WorkerMonitor
-from workermon._servers import EtcdServer, NatsServer
+from workermon._servers import EtcdServer, NatsServer, free_port
 
 from ..helpers import RawNatsSubscriber, etcd_client, retry_pause, wait_until
 from .fleet import DynamoFleet, version_tuple
@@ -36,6 +40,7 @@ RELEASES = os.environ.get("WORKERMON_DYNAMO_RELEASES", "0.6.1 0.7.1 0.8.1 1.0.2"
 VENVS = Path(os.environ.get("WORKERMON_DYNAMO_VENVS", Path(__file__).resolve().parents[2] / ".dynamo-venvs"))
 BLOCKS = 64
 THRESHOLD = 0.5
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(os.environ.get("WORKERMON_DYNAMO_RESULTS", VENVS / "results.jsonl"))
 
 
@@ -429,16 +434,96 @@ def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch
             assert set(used) == mon.members() and max(used.values()) <= 6, used
 
             # All busy: load the workers through the frontend directly, then the router answers
-            # 503 with Retry-After and forwards nothing.
+            # 529 (as the 1.6 frontend does) with Retry-After and forwards nothing.
             with _loading(frontend, model, [wid for wid in mon.members() for _ in range(3)], max_tokens=120):
                 assert mon.wait_for(lambda: not mon.free_workers(), 60), mon.load_states()
                 before = app.config["forwarded"]
                 r = app.test_client().post("/v1/chat/completions", json={"model": model, "messages": []})
-                assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+                assert r.status_code == 529 and r.headers["Retry-After"] == "1"
                 assert app.config["forwarded"] == before
         finally:
             mon.stop()
             fleet.stop()
+
+
+def test_gunicorn_router_as_it_ships(release: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`gunicorn -c examples/gunicorn.conf.py` with only environment settings, in front of a real
+    direct-mode frontend on a pure-ZMQ fleet: streamed and plain chat run where the router chose,
+    the health endpoint reports no NATS, and stopping gunicorn takes its agent with it."""
+    if version_tuple(release) < (1, 6):
+        pytest.skip("the frontend's direct mode is measured on 1.6")
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    if not gunicorn.exists():
+        pytest.skip("gunicorn is not installed (pip install 'workermon[examples]')")
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    python = _python_for(release)
+    with EtcdServer() as etcd:
+        fleet = DynamoFleet(python, release, etcd.url, None, blocks=BLOCKS, busy_threshold=THRESHOLD,
+                            event_plane=None, frontend_args=("--router-mode", "direct"))
+        fleet.start()
+        port = free_port()
+        sock = tmp_path / "agent" / "agent.sock"
+        env = dict(os.environ, WORKERMON_BIND=f"127.0.0.1:{port}", ETCD_ENDPOINTS=etcd.url, DYN_EVENT_PLANE="zmq",
+                   WORKERMON_FRONTEND_URL=f"http://127.0.0.1:{fleet.http_port}", WORKERMON_AGENT_SOCKET=str(sock),
+                   WORKERMON_BUSY_THRESHOLD=str(THRESHOLD), WORKERMON_TOKENIZER=str(fleet.model),
+                   WORKERMON_GUNICORN_WORKERS="2", PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen([str(gunicorn), "-c", "examples/gunicorn.conf.py"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            model = ""
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not model:
+                if fleet.models_listed():
+                    model = fleet.served_model()
+                else:
+                    retry_pause()
+            assert model, fleet.logs()
+            health: Dict[str, Any] = {}
+            while time.monotonic() < deadline and health.get("members") != fleet.workers:
+                try:
+                    with urllib.request.urlopen(base + "/_workermon/health", timeout=5) as r:
+                        health = json.loads(r.read())
+                except OSError:
+                    retry_pause()
+            assert health.get("members") == fleet.workers, health
+            assert "nats" not in health["required"] and health["zmq"] == "connected", health
+            assert health["strategy"] == "p2c"
+            ran: Counter = Counter()
+            for stream in (False, True, False, True, False, True):
+                status, text, headers = _http(base + "/v1/chat/completions", {
+                    "model": model, "max_tokens": 8, "stream": stream, "ignore_eos": True, "min_tokens": 8,
+                    "messages": [{"role": "user", "content": "hello " * 40}],
+                    "nvext": {"extra_fields": ["worker_id"]}})
+                assert status == 200, text
+                chosen = int(headers["X-Workermon-Worker"], 16)
+                assert {int(m) for m in re.findall(r'"decode_worker_id":\s*(\d+)', text)} == {chosen}, text[:300]
+                if stream:
+                    assert text.count("data: ") >= 8 and text.rstrip().endswith("data: [DONE]"), text[-300:]
+                ran[chosen] += 1
+            assert len(ran) >= 2, ran  # p2c with bookings spreads them
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                fleet.stop()
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "Traceback" not in err, err[-3000:]
+        assert not sock.exists(), "the agent should be gone with gunicorn"
+
+
+def _http(url: str, body: Dict[str, object]) -> Tuple[int, str, Dict[str, str]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode(errors="replace"), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace"), dict(err.headers)
 
 
 def test_admission_and_overloaded_agree_with_the_direct_mode_frontend(release: str,
