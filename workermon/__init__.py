@@ -7,6 +7,7 @@ import logging
 from ._base import Snapshot
 from ._config import MonitorConfig
 from ._health import Health, SourceHealth
+from ._kvhash import block_hashes
 from ._model import BusyChange, Explanation, PickState, RankExplanation, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, WorkerMonitor
 from ._picker import Reservation
@@ -37,6 +38,7 @@ __all__ = [
     "WorkerMonitor",
     "WorkerPublisher",
     "__version__",
+    "block_hashes",
 ]
 
 __version__ = "0.2.0"

@@ -1,0 +1,204 @@
+"""KV block hashes and the KV index: golden checks on real 1.6.1 traffic, and the index's rules.
+
+The samples (``../shared/dynamo-samples/kv-1.6.1-*``) come from a 1.6.1 fleet
+whose tiny byte-level tokenizer lists its three special tokens first: a byte
+``b`` is token ``b + 3``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import msgspec
+import pytest
+
+from workermon import block_hashes
+from workermon._kvhash import chain_hash, sequence_hashes
+from workermon._kvindex import KvIndex, decode_kv_payload
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "dynamo-samples"
+W1, W2 = 7668682703455707400, 7668682703455707422
+
+
+def _samples() -> Path:
+    if not (SAMPLES / "kv-1.6.1-requests-phaseA-B.jsonl").exists():
+        pytest.skip(f"the captured 1.6.1 samples are not at {SAMPLES}")
+    return SAMPLES
+
+
+def _requests() -> List[Dict[str, Any]]:
+    s = _samples()
+    lines = (s / "kv-1.6.1-requests-phaseA-B.jsonl").read_text().splitlines()
+    lines += (s / "kv-1.6.1-requests-phaseC.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _events() -> List[Tuple[float, Dict[str, Any]]]:
+    out = []
+    for line in (_samples() / "kv-1.6.1-kv-events-and-active-seq.raw.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d.get("topic_frame") != "kv-events":
+            continue
+        body = bytes.fromhex(d["frames_hex"][3])
+        assert body[0] == 1
+        (n,) = struct.unpack(">I", body[1:5])
+        out.append((d["t"], msgspec.msgpack.decode(body[5:5 + n])))
+    return out
+
+
+def tokens_of(prompt: str) -> List[int]:
+    return [b + 3 for b in prompt.encode()]
+
+
+def test_block_hashes_equal_the_frontends_local_hashes() -> None:
+    log = (_samples() / "kv-1.6.1-kvmode-frontend-routing-debug.log").read_text()
+    logged = [[int(x) for x in m.group(1).split(", ")] for m in re.finditer(r"local_hashes=\[([^\]]*)\]", log)]
+    names = ["P3", "P4"] + [f"evict{i}" for i in range(5)]  # the requests the kv-mode frontend routed, in order
+    routed = sorted((r for r in _requests() if r["name"] in names), key=lambda r: r["t"])
+    assert len(logged) == len(routed) == 7
+    for r, hashes in zip(routed, logged):
+        assert block_hashes(tokens_of(r["prompt"]), 16) == hashes, r["name"]
+
+
+def test_block_hashes_rules() -> None:
+    toks = list(range(40))
+    assert len(block_hashes(toks, 16)) == 2  # only full blocks
+    assert block_hashes(toks[:15], 16) == []
+    assert block_hashes(toks, 16)[0] == block_hashes(toks[:16], 16)[0]
+    plain = block_hashes(toks, 16)
+    assert block_hashes(toks, 16, lora_name="a") != plain != block_hashes(toks, 16, cache_salt="a")
+    assert block_hashes(toks, 16, lora_name="a") != block_hashes(toks, 16, cache_salt="a")
+    assert all(0 <= h < 1 << 64 for h in block_hashes([2**32 - 1] * 32, 16))
+    with pytest.raises(ValueError):
+        block_hashes([-1] * 16, 16)
+    with pytest.raises(ValueError):
+        block_hashes(toks, 0)
+
+
+def test_stored_block_hashes_follow_the_chain_rule() -> None:
+    checked = 0
+    for _, env in _events():
+        for item in decode_kv_payload(env["payload"]):
+            data = item.event.data
+            if isinstance(data, dict) and "stored" in data:
+                parent = data["stored"]["parent_hash"]
+                for b in data["stored"]["blocks"]:
+                    expected = b["tokens_hash"] if parent is None else chain_hash(parent, b["tokens_hash"])
+                    assert b["block_hash"] == expected
+                    parent = b["block_hash"]
+                    checked += 1
+    assert checked > 100
+
+
+def test_overlaps_equal_what_the_frontend_computed() -> None:
+    # Replay the events that had arrived before each kv-routed request: the
+    # overlap of every worker equals the frontend's (13 and 10 blocks), and
+    # the worker it chose reported exactly that many cached blocks.
+    events = _events()
+    expected = {"P3": {(W1, 0): 13, (W2, 0): 13}, "P4": {(W1, 0): 10, (W2, 0): 10}}
+    for r in _requests():
+        if r["name"] not in expected:
+            continue
+        idx = KvIndex()
+        for t, env in events:
+            if t < r["t"]:
+                idx.apply(decode_kv_payload(env["payload"]), env["publisher_id"])
+        got = idx.overlaps(block_hashes(tokens_of(r["prompt"]), 16))
+        assert got == expected[r["name"]]
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * got[(r["served_by"]["decode_worker_id"], 0)]
+    # Removals (the eviction phase) take blocks out.
+    idx = KvIndex()
+    for _, env in events:
+        idx.apply(decode_kv_payload(env["payload"]), env["publisher_id"])
+    assert idx.counters["events"] == 13 and idx.counters.get("unknown_removals", 0) == 0
+    views = {v.worker_id: v for v in idx.slots()}
+    assert all(v.complete for v in views.values()) and views[W1].blocks + views[W2].blocks == idx.entries
+
+
+# --- the index's rules, on synthetic events ----------------------------------------------------
+
+
+def item(wid: int, eid: int, data: Any, rank: int = 0, tier: str = "device") -> Any:
+    raw = msgspec.msgpack.encode([{"worker_id": wid, "storage_tier": tier, "residency_domain": "worker",
+                                   "event": {"event_id": eid, "data": data, "dp_rank": rank}}])
+    return decode_kv_payload(raw)
+
+
+def stored(local: List[int], parent: Any = None, engine_names: bool = False) -> Dict[str, Any]:
+    blocks = []
+    prev = parent
+    seq_parent = parent
+    for x in local:
+        seq = x if seq_parent is None else chain_hash(seq_parent, x)
+        bh = (seq ^ 0x5555) if engine_names else seq
+        blocks.append({"block_hash": bh, "tokens_hash": x, "mm_extra_info": None})
+        prev, seq_parent = bh, seq
+    return {"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}}
+
+
+def test_gap_late_start_and_new_publisher_mark_a_view_incomplete() -> None:
+    idx = KvIndex()
+    idx.apply(item(1, 1, stored([10, 11, 12])), publisher_id=7)
+    assert idx.slot(1).complete and idx.overlaps([10, 11, 12, 13]) == {(1, 0): 3}
+    idx.apply(item(1, 3, stored([20])), publisher_id=7)  # event 2 never arrived
+    v = idx.slot(1)
+    assert v is not None and not v.complete and "never arrived" in (v.why_incomplete or "")
+    assert idx.counters["gaps"] == 1
+    idx.apply(item(2, 5, stored([10])), publisher_id=8)  # started late
+    assert idx.counters["late_starts"] == 1 and not idx.slot(2).complete  # type: ignore[union-attr]
+    idx.apply(item(1, 1, stored([30])), publisher_id=9)  # the worker restarted: new publisher
+    assert idx.counters["publisher_changes"] == 1
+    assert idx.overlaps([10, 11]) == {(2, 0): 1}  # worker 1's old blocks are gone with its old life
+    assert idx.overlaps([30]) == {(1, 0): 1}
+
+
+def test_unknown_parent_is_not_indexed_and_cleared_restores_exactness() -> None:
+    idx = KvIndex()
+    idx.apply(item(1, 1, stored([5, 6], parent=0xABCDEF)))
+    assert idx.counters["unknown_parents"] == 1 and idx.entries == 0 and not idx.slot(1).complete  # type: ignore
+    idx.apply(item(1, 2, stored([5, 6])))
+    assert idx.overlaps([5, 6]) == {(1, 0): 2}
+    idx.apply(item(1, 3, "cleared"))
+    assert idx.entries == 0 and idx.overlaps([5, 6]) == {} and idx.slot(1).complete  # type: ignore[union-attr]
+
+
+def test_engine_block_names_removal_ranks_and_tiers() -> None:
+    idx = KvIndex()
+    idx.apply(item(1, 1, stored([1, 2, 3], engine_names=True)))
+    seqs = sequence_hashes([1, 2, 3])
+    idx.apply(item(1, 2, stored([4], parent=seqs[2] ^ 0x5555, engine_names=True)))  # chained by engine name
+    assert idx.overlaps([1, 2, 3, 4]) == {(1, 0): 4}
+    idx.apply(item(1, 3, {"removed": {"block_hashes": [seqs[1] ^ 0x5555]}}))
+    assert idx.overlaps([1, 2, 3, 4]) == {(1, 0): 1}  # a hole ends the prefix
+    idx.apply(item(1, 1, stored([1, 2]), rank=1))
+    idx.apply(item(1, 4, stored([1]), tier="host_pinned"))  # rank 1 counts its own events; tiers share
+    assert idx.overlaps([1, 2]) == {(1, 0): 1, (1, 1): 2}
+    assert idx.overlaps([1, 2], tier="host_pinned") == {(1, 0): 1}
+    idx.drop_worker(1)
+    assert idx.entries == 0 and idx.slots() == []
+
+
+def test_bound_drops_new_blocks_counts_them_and_frees_on_removal() -> None:
+    idx = KvIndex(max_blocks=3)
+    idx.apply(item(1, 1, stored([1, 2, 3, 4, 5])))
+    assert idx.entries == 3 and idx.counters["dropped_blocks"] == 1
+    v = idx.slot(1)
+    assert v is not None and not v.complete and "full" in (v.why_incomplete or "")
+    idx.apply(item(1, 2, {"removed": {"block_hashes": [sequence_hashes([1, 2, 3])[2]]}}))
+    idx.apply(item(2, 1, stored([9])))
+    assert idx.entries == 3 and idx.overlaps([9]) == {(2, 0): 1}
+
+
+def test_malformed_events_are_counted_and_dropped() -> None:
+    idx = KvIndex()
+    idx.apply(item(1, 1, {"stored": {"blocks": "nope"}}))
+    idx.apply(item(1, 2, stored([1]), tier="tape"))
+    idx.apply(item(1, 3, stored([1])))
+    assert idx.counters["malformed"] == 1 and idx.counters["unknown_tier"] == 1
+    assert idx.overlaps([1]) == {(1, 0): 1}
+    with pytest.raises(msgspec.DecodeError):
+        decode_kv_payload(b"\xc1")
