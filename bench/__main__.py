@@ -499,7 +499,13 @@ def machine() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench")
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["e2e"]:
+        from .e2e import main as e2e  # the end-to-end comparison with real Dynamo and aiperf
+
+        return e2e(rest[1:])
+    ap = argparse.ArgumentParser(prog="python -m bench", epilog="python -m bench e2e --help: the end-to-end "
+                                 "comparison against Dynamo's own routing")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     ap.add_argument("--count", type=int, default=None, help="ingest messages per round (default 100000)")
     ap.add_argument("--workers", type=int, default=1000)

@@ -202,3 +202,55 @@ def test_malformed_events_are_counted_and_dropped() -> None:
     assert idx.overlaps([1]) == {(1, 0): 1}
     with pytest.raises(msgspec.DecodeError):
         decode_kv_payload(b"\xc1")
+
+
+# --- picking by the KV router's cost (pure: a fleet state, a picker, an index) -------------------
+
+
+def _kv_fleet(*totals: int) -> Any:
+    from workermon._kvroute import KvRouting
+    from workermon._model import Card, CardPut, Thresholds
+    from workermon._picker import Picker
+    from workermon._reduce import FleetState, apply_all
+    from workermon.options import KvOptions
+
+    s = FleetState(Thresholds(busy_threshold=0.9))
+    apply_all(s, [CardPut(f"v1/mdc/ns/c/e/{i:x}", i, Card(total_kv_blocks=t, display_name="m", kv_cache_block_size=4))
+                  for i, t in enumerate(totals, start=1)], 0.0)
+    picker = Picker(s, lambda: tuple(sorted(s.members - s.busy)), lambda: 0.0)
+    return s, picker, KvRouting(KvOptions(), s, picker, lambda: frozenset(s.members))
+
+
+def _pick(kv: Any, picker: Any, tokens: List[int]) -> Any:
+    import math
+
+    local = block_hashes(tokens, 4)
+    choose = kv.chooser(local, len(tokens), 4, (), "m", None)
+    return picker.pick(book=True, blocks=math.ceil(len(tokens) / 4), choose_fn=choose)
+
+
+def test_kv_cost_prefers_the_cached_prefix_until_load_outweighs_it() -> None:
+    from workermon._model import LoadReport
+    from workermon._reduce import apply_all
+
+    s, picker, kv = _kv_fleet(1000, 1000)
+    prompt = list(range(40))  # 10 blocks of 4
+    kv.index.apply(item(1, 1, stored(block_hashes(prompt, 4)[:8])))  # worker 1 holds 8 of them
+    assert kv.prefix_overlap(block_hashes(prompt, 4), "m") == {(1, 0): 8, (2, 0): 0}
+    chosen = _pick(kv, picker, prompt)
+    assert chosen is not None and chosen[0] == 1 and "holds 8" in chosen[2]()
+    # cost(1) = (10 - 8) + 0 + 10 booked + 10 = 22 ; cost(2) = 10 + 0 + 10 = 20: the booking tips it.
+    second = _pick(kv, picker, prompt)
+    assert second is not None and second[0] == 2
+    assert kv.last_pick.costs == {(1, 0): (8, 22.0), (2, 0): (0, 20.0)}
+    # A report replaces the bookings: worker 1 reports 100 blocks in use, worker 2 none.
+    apply_all(s, [LoadReport(1, 0, 100), LoadReport(2, 0, 0)], 1.0)
+    third = _pick(kv, picker, prompt)
+    assert third is not None and third[0] == 2
+    # Busy workers are never candidates, whatever their overlap.
+    apply_all(s, [LoadReport(2, 0, 950)], 2.0)
+    assert s.busy == {2}
+    fourth = _pick(kv, picker, prompt)
+    assert fourth is not None and fourth[0] == 1
+    lines = kv.describe(1, [0])
+    assert "8 cached block(s)" in lines[0] and "last kv pick" in lines[0]

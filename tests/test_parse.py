@@ -47,6 +47,10 @@ def test_real_cards_parse(version: str) -> None:
         doc = json.loads(entry["value"])
         body = doc.get("card_json", doc)
         rc = body["runtime_config"]
+        def file_ref(value: Any, kind: str) -> Any:
+            ref = (value or {}).get(kind)
+            return (ref["path"], ref.get("checksum") or "") if ref else None
+
         assert attrs.evolve(put.card, worker_set=(), config=()) == Card(
             total_kv_blocks=rc["total_kv_blocks"],
             data_parallel_size=rc.get("data_parallel_size", 1),
@@ -54,7 +58,11 @@ def test_real_cards_parse(version: str) -> None:
             max_num_batched_tokens=rc["max_num_batched_tokens"],
             display_name=body["display_name"],
             worker_type=body.get("worker_type"),
+            kv_cache_block_size=body.get("kv_cache_block_size"),
+            tokenizer_file=file_ref(body.get("tokenizer"), "hf_tokenizer_json"),
+            tokenizer_config_file=file_ref(body.get("prompt_formatter"), "hf_tokenizer_config_json"),
         )
+        assert put.card.kv_cache_block_size == 16 and put.card.tokenizer_file is not None
         assert put.card.total_kv_blocks == 1024
         # Card admission: the worker set from the card (or its key), the
         # checksummed fields with file artifacts by checksum, never by path.

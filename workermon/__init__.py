@@ -13,7 +13,7 @@ from ._monitor import CallbackHandle, WorkerMonitor
 from ._picker import Reservation
 from ._publisher import WorkerPublisher
 from ._shared import AgentUnavailable, SharedMonitor
-from .options import TLS, EtcdOptions, Limits, NatsOptions, Reconnect
+from .options import TLS, EtcdOptions, KvOptions, Limits, NatsOptions, Reconnect
 
 __all__ = [
     "AgentUnavailable",
@@ -21,6 +21,7 @@ __all__ = [
     "CallbackHandle",
     "EtcdOptions",
     "Explanation",
+    "KvOptions",
     "Health",
     "Limits",
     "MonitorConfig",

@@ -50,6 +50,8 @@ class Health:
     # select()/reserve(): reserved, released, expired, rejected (None returned),
     # selected; in_flight and booked_blocks are gauges.
     picker: Mapping[str, int] = attrs.field(factory=dict)
+    # kv_index=True: the kv-events source, with the index's counters (index_*).
+    kv: Optional[SourceHealth] = None
 
     @property
     def ok(self) -> bool:

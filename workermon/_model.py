@@ -150,6 +150,11 @@ class Card:
     worker_type: Optional[str] = None
     worker_set: Tuple[str, ...] = ()
     config: Tuple[Tuple[str, str], ...] = ()
+    # KV-aware picking: the block size prompts are hashed in, and the files
+    # (as the card names them: path, checksum) of its tokenizer and chat template.
+    kv_cache_block_size: Optional[int] = None
+    tokenizer_file: Optional[Tuple[str, str]] = None
+    tokenizer_config_file: Optional[Tuple[str, str]] = None
 
 
 @attrs.frozen
@@ -375,11 +380,16 @@ class Explanation:
     admitted: bool = True
     # Seconds left of a hold set by ``Reservation.overloaded()`` (None: none).
     overload_hold_left: Optional[float] = None
+    # kv_index=True: per rank, its cached blocks, whether its view is complete,
+    # and its overlap and cost in the last kv pick.
+    kv: Tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"worker {self.worker_id:x}: {self.summary}"]
         for r in self.ranks:
             lines.append(f"  rank {r.rank}: {r.why}")
+        for line in self.kv:
+            lines.append(f"  kv {line}")
         th = self.thresholds
         rule = "KV rule off" if th.busy_threshold is None else f"busy_threshold {th.busy_threshold:g}"
         if th.recover_threshold is not None:

@@ -35,6 +35,8 @@ import attrs
 from ._base import EMPTY, BaseMonitor, CallbackHandle, Snapshot, live_monitors, wait_on
 from ._config import MonitorConfig, configure
 from ._health import Health, SourceHealth, SourceStatus
+from ._kvmonitor import KvMethods
+from ._kvroute import KvRouting
 from ._loop import STOP, ReducerLoop
 from ._model import (
     BusyChange,
@@ -53,7 +55,8 @@ from ._sources import Source, build_sources, source_configs
 from ._sources.etcd import EtcdSource
 from ._sources.nats import NatsSource
 from ._sources.zmq import ZmqSource
-from .options import EtcdOptions, Limits, NatsOptions, Reconnect
+from ._tokens import Prompt
+from .options import EtcdOptions, KvOptions, Limits, NatsOptions, Reconnect
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ FROM_ENV: Any = _FromEnv()
 _UNCHANGED: Any = object()
 _UNSET: Any = object()
 
-class WorkerMonitor(ReducerLoop, BaseMonitor):
+class WorkerMonitor(ReducerLoop, KvMethods, BaseMonitor):
     """Which Dynamo workers are busy, kept current by three threads.
 
     Create it, register callbacks, :meth:`start` it, then read
@@ -105,6 +108,7 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         admission: bool = True,
         overload_hold: float = 1.0,
         overflow: Overflow = "steer",
+        kv_index: Union[bool, KvOptions] = False,
         _clock: Callable[[], float] = time.monotonic,
         **deprecated: Any,
     ) -> None:
@@ -125,6 +129,10 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         self._max_load_bytes = cfg.limits.max_load_bytes
         self._picker = Picker(self._state, lambda: self._snapshot.free_order, _clock, strategy, reservation_ttl,
                               overloaded=self._mark_overloaded, overflow=overflow)
+        kv_opts = kv_index if isinstance(kv_index, KvOptions) else KvOptions() if kv_index else None
+        self._kv = None if kv_opts is None else KvRouting(kv_opts, self._state, self._picker,
+                                                         lambda: self._snapshot.members)
+        self._kv_source: Optional[Source] = None
         self.event_plane: EventPlane = cfg.event_plane
         self.nats_required = cfg.nats_required
         self.static = cfg.static
@@ -158,6 +166,7 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         self._etcd_status = SourceStatus("etcd", _clock)
         self._nats_status = SourceStatus("nats", _clock)
         self._zmq_status = SourceStatus("zmq", _clock)
+        self._kv_status = SourceStatus("kv-events", _clock)
         self._callback_errors = 0
         self._wake_pending = False
         self._snapshot_listeners: List[Callable[[], None]] = []
@@ -192,10 +201,13 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
             live_monitors.add(self)
             sources = build_sources(
                 self._cfgs, self._queue.put, self._stopping,
-                {"etcd": self._etcd_status, "nats": self._nats_status, "zmq": self._zmq_status},
+                {"etcd": self._etcd_status, "nats": self._nats_status, "zmq": self._zmq_status,
+                 "kv": self._kv_status},
                 {"nats": lambda: self._set_ready(self._nats_ready), "zmq": lambda: self._set_ready(self._zmq_ready)},
-                self.config.limits, self.nats_required)
+                self.config.limits, self.nats_required, self._kv.index if self._kv is not None else None,
+                self._kv.options.max_message_bytes if self._kv is not None else 0)
             self._etcd, self._nats, self._zmq = sources.etcd, sources.nats, sources.zmq
+            self._kv_source = sources.kv
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
             self._threads = [reducer, *sources.all()]
             for thread in self._threads:
@@ -370,11 +382,16 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
     def reserve(
         self,
         *,
-        strategy: Optional[Strategy] = None,
+        strategy: Optional[str] = None,
         exclude: Collection[int] = (),
         blocks: Optional[int] = None,
         model: Optional[str] = None,
         worker_type: Optional[str] = None,
+        tokens: Optional[Sequence[int]] = None,
+        prompt: Optional[Prompt] = None,
+        lora_name: Optional[str] = None,
+        cache_salt: Optional[str] = None,
+        tokenizer: Any = None,
     ) -> Optional[Reservation]:
         """Book a worker (and data-parallel rank) for one request; returns at once.
 
@@ -386,10 +403,16 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         ``strategy``: ``"p2c"`` (default), ``"least_loaded"``, ``"round_robin"``,
         ``"random"``; ``exclude``: ids not to choose (a retry after a failed
         forward); ``model`` / ``worker_type``: the card's ``display_name`` /
-        ``worker_type``.  Thread-safe and atomic; any thread.
+        ``worker_type``.  ``strategy="kv"`` (``kv_index=True``): by cached
+        prefix and load, as Dynamo's KV router (see ``prefix_overlap`` for
+        ``tokens`` / ``prompt`` / ``lora_name`` / ``cache_salt`` /
+        ``tokenizer``); the reservation carries ``overlap_blocks`` and the
+        ``token_ids`` to forward.  Thread-safe and atomic; any thread.
         """
         if self._forked_from is not None:
             self._check_fork()
+        if strategy == "kv":
+            return self._reserve_kv(tokens, prompt, model, worker_type, exclude, lora_name, cache_salt, tokenizer)
         chosen = self._picker.pick(book=True, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
                                    worker_type=worker_type)
         return None if chosen is None else chosen[3]
@@ -427,7 +450,10 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         size = self._picker.default_blocks if blocks is None else check_blocks(blocks)
         in_flight = self._picker.in_flight(worker_id)
         with self._lock:
-            return self._state.explain(worker_id, self._clock(), self._picker.booked, in_flight, size)
+            explained = self._state.explain(worker_id, self._clock(), self._picker.booked, in_flight, size)
+        if self._kv is None:
+            return explained
+        return attrs.evolve(explained, kv=self._kv.describe(worker_id, [r.rank for r in explained.ranks]))
 
     def overloaded(self, worker_id: int) -> None:
         """The frontend answered 529 (overloaded) for a request on ``worker_id``.
@@ -497,6 +523,7 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
             zmq=self._zmq_health(),
             required=tuple(required) if not self.static else ("etcd", "nats"),
             picker=picker,
+            kv=self._kv_health(),
         )
 
     def _zmq_health(self) -> SourceHealth:
@@ -589,7 +616,7 @@ class WorkerMonitor(ReducerLoop, BaseMonitor):
         return handle
 
     def _sources(self) -> List[Any]:
-        return [s for s in (self._etcd, self._nats, self._zmq) if s is not None]
+        return [s for s in (self._etcd, self._nats, self._zmq, self._kv_source) if s is not None]
 
     # --- fork ---------------------------------------------------------------
 

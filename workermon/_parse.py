@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, List, Optional, Tuple, Union
 
+import attrs
 import msgspec
 
 from ._model import Card, CardPut, ChannelPut, LoadReport, normalize_worker_id
@@ -258,6 +259,15 @@ def _admission(body: _CardBody) -> Tuple[Tuple[str, str], ...]:
     return tuple(fields)
 
 
+def _file_ref(value: Any, kind: str) -> Optional[Tuple[str, str]]:
+    """``(path, checksum)`` of a card's file artifact ``{kind: {path, checksum}}``, else None."""
+    ref = value.get(kind) if isinstance(value, dict) else None
+    if isinstance(ref, dict) and isinstance(ref.get("path"), str) and len(ref["path"]) <= 4096:
+        checksum = ref.get("checksum")
+        return ref["path"], checksum if isinstance(checksum, str) else ""
+    return None
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else _json_canonical.encode(value).decode()
 
@@ -326,17 +336,18 @@ def parse_card(
         worker_set = (name or "", *_endpoint_of(key, doc), _text(body.model_type), _text(body.model_input), kind or "")
     except (msgspec.EncodeError, RecursionError, TypeError) as exc:
         raise Malformed("bad_field", f"card fields: {exc}") from None
-    card = Card(display_name=name, worker_type=kind, worker_set=worker_set, config=config)
+    bs = body.kv_cache_block_size
+    card = Card(display_name=name, worker_type=kind, worker_set=worker_set, config=config,
+                kv_cache_block_size=bs if type(bs) is int and 0 < bs <= 1 << 20 else None,
+                tokenizer_file=_file_ref(body.tokenizer, "hf_tokenizer_json"),
+                tokenizer_config_file=_file_ref(body.prompt_formatter, "hf_tokenizer_config_json"))
     if rc is not None:
-        card = Card(
+        card = attrs.evolve(
+            card,
             total_kv_blocks=rc.total_kv_blocks,
             data_parallel_size=rc.data_parallel_size if rc.data_parallel_size is not None else 1,
             data_parallel_start_rank=rc.data_parallel_start_rank or 0,
             max_num_batched_tokens=rc.max_num_batched_tokens,
-            display_name=name,
-            worker_type=kind,
-            worker_set=worker_set,
-            config=config,
         )
     return CardPut(key=key, worker_id=worker_id, card=card, create_revision=create_revision)
 
@@ -344,6 +355,7 @@ def parse_card(
 # --- event channels (Dynamo 1.6, etcd) ------------------------------------------
 
 KV_METRICS = "kv_metrics"
+KV_EVENTS = "kv-events"
 
 
 def path_segment(name: str) -> str:
@@ -405,7 +417,7 @@ def channel_scope(key: str) -> Optional[Tuple[str, str, Optional[str], str]]:
 
 def parse_channel(key: Union[bytes, str], value: bytes, lease: int, max_bytes: int = DEFAULT_MAX_CARD_BYTES,
                   namespace: Optional[str] = None, component: Optional[str] = None,
-                  endpoint_name: Optional[str] = None) -> Optional[ChannelPut]:
+                  endpoint_name: Optional[str] = None, topic_name: str = KV_METRICS) -> Optional[ChannelPut]:
     """Parse one event-channel key/value/lease (either layout); None for another topic or scope.
 
     With ``namespace`` (and ``component`` / ``endpoint_name``) only that
@@ -422,11 +434,11 @@ def parse_channel(key: Union[bytes, str], value: bytes, lease: int, max_bytes: i
             raise Malformed("bad_key", "key is not UTF-8") from None
     scope = channel_scope(key)
     if scope is None:
-        if KV_METRICS in key:
+        if topic_name in key:
             raise Malformed("unknown_layout", key[:200])
         return None
     ns, comp, ep, topic = scope
-    if topic != KV_METRICS:
+    if topic != topic_name:
         return None
     if namespace is not None and ns != path_segment(namespace):
         return None
@@ -457,7 +469,7 @@ def parse_channel(key: Union[bytes, str], value: bytes, lease: int, max_bytes: i
         raise Malformed("bad_encoding", str(exc)) from None
     except ValueError as exc:
         raise Malformed("bad_field", str(exc)) from None
-    if doc.topic != KV_METRICS:
+    if doc.topic != topic_name:
         raise Malformed("bad_field", f"topic {doc.topic[:50]!r} disagrees with the key")
     return ChannelPut(key=key, publisher_id=publisher_id, worker_id=worker_id, endpoint=endpoint)
 

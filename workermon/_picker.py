@@ -60,7 +60,8 @@ class Reservation:
     report or for ``overload_hold`` seconds, as the frontend itself does.
     """
 
-    __slots__ = ("worker_id", "dp_rank", "blocks", "_reason", "_release", "_booking", "_overloaded")
+    __slots__ = ("worker_id", "dp_rank", "blocks", "overlap_blocks", "token_ids", "_reason", "_release", "_booking",
+                 "_overloaded")
 
     def __init__(self, worker_id: int, dp_rank: int, reason: Callable[[], str], blocks: int,
                  release: Callable[[Any], None], booking: Any,
@@ -68,6 +69,10 @@ class Reservation:
         self.worker_id = worker_id
         self.dp_rank = dp_rank
         self.blocks = blocks
+        # strategy="kv": the prompt's leading blocks the chosen rank holds, and
+        # the token ids that were hashed (forward them as nvext.token_data).
+        self.overlap_blocks: Optional[int] = None
+        self.token_ids: Optional[List[int]] = None
         self._reason = reason
         self._release = release
         self._booking = booking
@@ -235,10 +240,13 @@ class Picker(_Ledger):
         blocks: Optional[int] = None,
         model: Optional[str] = None,
         worker_type: Optional[str] = None,
+        choose_fn: Optional[Callable[[Tuple[int, ...]], Chosen]] = None,
     ) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
         """Choose a worker: ``(worker_id, dp_rank, reason, reservation or None)``, or None.
 
         ``reason`` is a callable that formats the sentence (only when asked).
+        ``choose_fn`` (the KV router's) replaces the strategy: it gets the
+        free workers and returns the choice, under the picker's lock.
         """
         strategy = self.strategy if strategy is None else check_strategy(strategy)
         blocks = self.default_blocks if blocks is None else check_blocks(blocks)
@@ -256,7 +264,10 @@ class Picker(_Ledger):
             bookings = self._bookings
             if bookings and next(iter(bookings.values())).deadline <= now:
                 self._expire(now)
-            chosen = choose(strategy, self, free, assess, book, steer if self.overflow == "steer" else None)
+            if choose_fn is not None:
+                chosen = choose_fn(free)
+            else:
+                chosen = choose(strategy, self, free, assess, book, steer if self.overflow == "steer" else None)
             settled = settle(self.counters, chosen, book)
             if settled is None or not book:
                 return settled
@@ -308,6 +319,17 @@ class Picker(_Ledger):
         if best[2] is not None:
             return (0, best[2]), best[1], best[2], inflight
         return (1, float(inflight)), best[1], None, inflight
+
+    def free_ranks(self, wid: int, w: Any) -> Iterator[Tuple[int, int, int]]:
+        """``(rank, reported load, booked blocks)`` of each of ``w``'s declared ranks the busy rule calls free."""
+        card = w.card
+        start = card.data_parallel_start_rank
+        end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
+        return _declared_ranks(wid, w.ranks, card, self._state.thresholds, self._credit, start, end, self.external)
+
+    def in_flight_now(self, wid: int) -> int:
+        """Live bookings on ``wid`` without expiring any (for a chooser under the lock)."""
+        return self._inflight.get(wid, 0)
 
     # --- releasing and expiry ---------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 
 import attrs
 
-__all__ = ["EtcdOptions", "Limits", "NatsOptions", "Reconnect", "TLS"]
+__all__ = ["EtcdOptions", "KvOptions", "Limits", "NatsOptions", "Reconnect", "TLS"]
 
 
 def _path(name: str, value: Optional[str]) -> None:
@@ -158,3 +158,37 @@ class Reconnect:
         _seconds("Reconnect.cap", self.cap)
         if self.cap < self.initial:
             raise ValueError(f"Reconnect.cap ({self.cap}) must be >= initial ({self.initial})")
+
+
+def _weight(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@attrs.frozen
+class KvOptions:
+    """KV-aware picking (``WorkerMonitor(kv_index=KvOptions(…))``; ``kv_index=True`` takes these defaults).
+
+    ``max_blocks``: (worker, block) entries the index keeps, over every tier
+    (at the bound new blocks are not indexed and their worker's view is
+    marked incomplete; ~100–190 B each, see BENCHMARKS.md);
+    ``max_message_bytes``: the largest ``kv-events`` message read.  The cost
+    weights are Dynamo 1.6.1's KV router defaults (its flags in brackets):
+    ``overlap_credit`` [``--router-kv-overlap-score-credit``],
+    ``prefill_load_scale`` [``--router-prefill-load-scale``],
+    ``host_cache_weight`` [``--router-host-cache-hit-weight``],
+    ``disk_cache_weight`` [``--router-disk-cache-hit-weight``].
+    """
+
+    max_blocks: int = 4_000_000
+    max_message_bytes: int = 4 << 20
+    overlap_credit: float = 1.0
+    prefill_load_scale: float = 1.0
+    host_cache_weight: float = 0.75
+    disk_cache_weight: float = 0.25
+
+    def __attrs_post_init__(self) -> None:
+        _count("KvOptions.max_blocks", self.max_blocks)
+        _count("KvOptions.max_message_bytes", self.max_message_bytes, 1024)
+        for name in ("overlap_credit", "prefill_load_scale", "host_cache_weight", "disk_cache_weight"):
+            _weight(f"KvOptions.{name}", getattr(self, name))

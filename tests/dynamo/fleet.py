@@ -31,11 +31,13 @@ class DynamoFleet:
     def __init__(self, python: str, version: str, etcd_url: str, nats_url: Optional[str], *, workers: int = 3,
                  blocks: int = 64, busy_threshold: float = 0.5, max_num_seqs: int = 8,
                  speedup: float = 1.0, workdir: Optional[str] = None, event_plane: Optional[str] = "nats",
-                 worker_args: Tuple[str, ...] = (), frontend_args: Tuple[str, ...] = ()) -> None:
+                 worker_args: Tuple[str, ...] = (), frontend_args: Tuple[str, ...] = (),
+                 frontend_env: Optional[Dict[str, str]] = None) -> None:
         # event_plane=None leaves the release's default (1.6: ZMQ); nats_url=None starts no NATS at all.
         self.event_plane = event_plane
         self.worker_args = worker_args
         self.frontend_args = frontend_args
+        self.frontend_env = dict(frontend_env or {})
         self.python = python
         self.version = version
         self.v = version_tuple(version)
@@ -77,10 +79,14 @@ class DynamoFleet:
             env["DYN_REQUEST_PLANE"] = "nats"
         return env
 
-    def _spawn(self, args: List[str], log: str) -> "subprocess.Popen[bytes]":
+    def _spawn(self, args: List[str], log: str, env: Optional[Dict[str, str]] = None) -> "subprocess.Popen[bytes]":
         out = open(self.workdir / log, "ab")
-        return subprocess.Popen([self.python, "-m", *args], env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir)
+        try:
+            return subprocess.Popen([self.python, "-m", *args], env={**self.env(), **(env or {})}, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=self.workdir)
+        finally:
+            out.close()  # the child has its own copy
 
     def start_worker(self, index: int) -> "subprocess.Popen[bytes]":
         args = ["dynamo.mocker", "--model-path", str(self.model), "--num-gpu-blocks-override", str(self.blocks),
@@ -100,7 +106,7 @@ class DynamoFleet:
         flag = "--busy-threshold" if self.v < (0, 8) else "--active-decode-blocks-threshold"
         args = ["dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
                 flag, str(self.busy_threshold), *self.frontend_args]
-        self.frontend = self._spawn(args, "frontend.log")
+        self.frontend = self._spawn(args, "frontend.log", self.frontend_env)
 
     def logs(self) -> str:
         out = []

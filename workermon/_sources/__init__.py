@@ -112,18 +112,21 @@ class Sources:
     etcd: Any
     nats: Optional[Any]
     zmq: Optional[Any]
+    kv: Optional[Any] = None
 
     def all(self) -> Tuple[Source, ...]:
-        return tuple(s for s in (self.etcd, self.nats, self.zmq) if s is not None)
+        return tuple(s for s in (self.etcd, self.nats, self.zmq, self.kv) if s is not None)
 
 
 def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: threading.Event,
                   statuses: Dict[str, SourceStatus], on_ready: Dict[str, Callable[[], None]], limits: Any,
-                  nats_required: bool) -> Sources:
+                  nats_required: bool, kv_index: Any = None, kv_max_bytes: int = 4 << 20) -> Sources:
     """Make the source threads for one monitor: each hands its updates to ``put`` through a backlog of its own.
 
     With the ZMQ plane in direct mode the etcd source also lists and watches
-    the ``kv_metrics`` event channels, which it hands to the ZMQ source.
+    the ``kv_metrics`` event channels, which it hands to the ZMQ source; with
+    ``kv_index`` also the ``kv-events`` channels, for the KV-events source
+    (which writes ``kv_index``; status ``statuses["kv"]``).
     """
     from .._model import ChannelDelete, ChannelListing
     from .._parse import parse_channel
@@ -153,9 +156,27 @@ def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: 
                 emit=zmq.channel_update,
                 backlogged=False,
             ))
+    kv = None
+    if kv_index is not None and cfgs.zmq is not None and not cfgs.zmq.broker:
+        from .._parse import KV_EVENTS
+        from .kvevents import KvEventsSource
+
+        kz = attrs.evolve(cfgs.zmq, topic=KV_EVENTS, max_load_bytes=kv_max_bytes)
+        kv = KvEventsSource(kz, kv_index, stopping, on_ready.get("kv", lambda: None), statuses["kv"])
+        max_bytes_kv = cfgs.etcd.max_card_bytes
+        extra.append(Watched(
+            name="kv-channel",
+            prefix=EVENT_CHANNELS,
+            parse=lambda k, v, lease, _created: parse_channel(k, v, lease, max_bytes_kv, kz.namespace, kz.component,
+                                                             kz.endpoint, topic_name=KV_EVENTS),
+            delete=lambda key: ChannelDelete(key=key),
+            listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
+            emit=kv.channel_update,
+            backlogged=False,
+        ))
     etcd = EtcdSource(cfgs.etcd, put, stopping, statuses["etcd"], Backlog(limits.max_queued_messages), extra)
     nats = None
     if cfgs.nats is not None:
         nats = NatsSource(cfgs.nats, put, Backlog(limits.max_queued_messages, limits.max_queued_bytes), stopping,
                           on_ready["nats"], statuses["nats"], limits.max_load_bytes, report_feed=nats_required)
-    return Sources(etcd, nats, zmq)
+    return Sources(etcd, nats, zmq, kv)

@@ -72,11 +72,12 @@ class ZmqConfig:
     broker: Tuple[str, ...] = ()
     max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES
     dedup_window: int = 65_536
+    topic: str = KV_METRICS
 
     @property
     def subscription(self) -> bytes:
         if not self.broker:
-            return KV_METRICS.encode()
+            return self.topic.encode()
         prefix = f"namespace.{self.namespace}.component."
         if self.component is not None:
             prefix += f"{self.component}.endpoint."

@@ -1,0 +1,123 @@
+"""KV-aware picking against a real Dynamo 1.6.1 kv-mode frontend (``-m dynamo``).
+
+Mocker workers with prefix caching and a small KV capacity (so blocks get
+evicted), a ``--router-mode kv`` frontend logging its routing inputs
+(DYNAMO-KV.md §6), and a ``WorkerMonitor(kv_index=True)`` started before the
+workers.  For each request, before the frontend routes it: workermon's block
+hashes (from the prompt, tokenized by the model's own tokenizer as its card
+names it) equal the frontend's ``local_hashes``; its overlap for the worker
+the frontend chose equals the logged overlap, and so does its best overlap.
+A killed worker's blocks leave the index within its lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from workermon import WorkerMonitor, block_hashes
+from workermon._servers import EtcdServer
+
+from .fleet import DynamoFleet, version_tuple
+from .test_interop import _python_for, release  # noqa: F401  (the release fixture)
+
+pytestmark = pytest.mark.dynamo
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+BASE = "The quick brown fox jumps over the lazy dog; " * 6
+
+
+def _complete(port: int, model: str, prompt: str) -> Tuple[int, Dict[str, object]]:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "min_tokens": 2})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {"error": err.read().decode(errors="replace")}
+
+
+def _routing(log: Path) -> List[Tuple[List[int], int, int]]:
+    """(local_hashes, chosen worker, overlap blocks) per routed request, in order."""
+    text = ANSI.sub("", log.read_text(errors="replace"))
+    inputs = {m.group(1): [int(x) for x in m.group(2).split(", ") if x]
+              for m in re.finditer(r'\[ROUTING_INPUT\].*?request_id="([^"]+)".*?local_hashes=\[([^\]]*)\]', text)}
+    out = []
+    for m in re.finditer(r'\[ROUTING\] Best: worker_(\d+) dp_rank=(\d+) with (\d+)/(\d+) blocks overlap '
+                         r'request_id="([^"]+)"', text):
+        out.append((inputs.get(m.group(5), []), int(m.group(1)), int(m.group(3))))
+    return out
+
+
+def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if version_tuple(release) < (1, 6):
+        pytest.skip("KV events are measured on 1.6.1 (DYNAMO-KV.md)")
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    python = _python_for(release)
+    with EtcdServer() as etcd:
+        mon = WorkerMonitor([etcd.url], None, event_plane="zmq", busy_threshold=0.99, kv_index=True).start()
+        fleet = DynamoFleet(python, release, etcd.url, None, blocks=48, busy_threshold=0.99, event_plane=None,
+                            frontend_args=("--router-mode", "kv"),
+                            frontend_env={"DYN_LOG": "info,dynamo_kv_router=debug,dynamo_llm::kv_router=debug"})
+        try:
+            fleet.start()
+            assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 60), fleet.logs()
+            deadline = time.monotonic() + 60
+            while not fleet.models_listed() and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling another process's HTTP endpoint
+            model = fleet.served_model()
+            prompts = [BASE + f"variant {i % 3} " + "x" * (20 + 7 * i) for i in range(12)]
+            prompts += [f"{i} unrelated words {i} " * 12 for i in range(6)]  # fill the small caches: evictions
+            prompts += [BASE + "variant 1 " + "x" * 30, BASE + "variant 2 " + "x" * 100]
+            predicted: List[Tuple[List[int], Dict[Tuple[int, int], int]]] = []
+            for prompt in prompts:
+                hashes = block_hashes(mon._kv_routing().tokens(None, prompt, None)[0], 16)  # type: ignore[union-attr]
+                predicted.append((hashes, mon.prefix_overlap(prompt=prompt)))
+                status, body = _complete(fleet.http_port, model, prompt)
+                assert status == 200, body
+                # The frontend learns the request's blocks from the same events; wait (bounded)
+                # until workermon holds them on some worker before the next request is routed.
+                ok = mon.wait_for(lambda: max(mon.prefix_overlap(prompt=prompt).values(), default=0) >= len(hashes),
+                                  15)
+                assert ok, (prompt[:40], mon.health().kv)
+            routed = _routing(fleet.workdir / "frontend.log")
+            assert len(routed) == len(prompts), fleet.logs()
+            kv = mon.health().kv
+            assert kv is not None and kv.counters.get("index_events", 0) >= len(prompts)
+            for (hashes, overlaps), (logged_hashes, chosen, logged_overlap) in zip(predicted, routed):
+                assert hashes == logged_hashes
+                assert overlaps.get((chosen, 0)) == logged_overlap, (overlaps, chosen, logged_overlap)
+                assert max(overlaps.values()) == logged_overlap
+            assert any(r[2] > 0 for r in routed), "some request should hit a cached prefix"
+            # A reservation by the KV router's cost takes the worker with the best overlap here (idle fleet).
+            res = mon.reserve(strategy="kv", prompt=prompts[-1])
+            assert res is not None and res.token_ids is not None and len(res.token_ids) >= 16
+            best = max(mon.prefix_overlap(prompt=prompts[-1]).values())
+            assert res.overlap_blocks == best
+            res.release()
+            why = str(mon.why(res.worker_id))
+            assert "cached block" in why and "last kv pick" in why, why
+
+            # Killed workers' blocks leave with their leases (1.6.1: 30 s).
+            holders = {w for (w, _), n in mon.prefix_overlap(prompt=prompts[-1]).items() if n}
+            assert holders
+            for p in fleet.mockers:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+            assert mon.wait_for(lambda: not mon.members(), 60)
+            assert mon.wait_for(lambda: mon.health().kv.counters["index_entries"] == 0, 10)  # type: ignore
+            assert not mon._kv_routing().index.slots()
+        finally:
+            fleet.stop()
+            assert mon.stop(10)

@@ -1,0 +1,78 @@
+"""WorkerMonitor's KV-aware methods (``kv_index=True``): prefix overlap and ``reserve(strategy="kv")``.
+
+A mixin, as :mod:`workermon._loop` is: the facade stays one class for users
+while each part of it lives in a module of its own.  It reads the monitor's
+``_kv`` (a :class:`~workermon._kvroute.KvRouting`, or None), ``_picker`` and
+``_kv_status``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple
+
+from ._health import SourceHealth
+from ._kvroute import KvRouting
+from ._picker import Picker, Reservation
+from ._tokens import Prompt
+
+__all__ = ["KvMethods"]
+
+
+class KvMethods:
+    _kv: Optional[KvRouting]
+    _picker: Picker
+    _kv_status: Any
+    _kv_source: Any
+
+    def _kv_routing(self) -> KvRouting:
+        if self._kv is None:
+            raise RuntimeError("KV-aware picking needs WorkerMonitor(kv_index=True) (it follows the kv-events "
+                               "channels of a ZMQ event plane)")
+        return self._kv
+
+    def prefix_overlap(self, tokens: Optional[Sequence[int]] = None, *, prompt: Optional[Prompt] = None,
+                       model: Optional[str] = None, lora_name: Optional[str] = None,
+                       cache_salt: Optional[str] = None, tokenizer: Any = None) -> Dict[Tuple[int, int], int]:
+        """How many of the prompt's leading full blocks each member (and rank) holds on its device tier.
+
+        Every admitted member serving ``model`` (the only model, when None)
+        is in the answer, 0 when it holds none.  Give ``tokens`` (token ids)
+        or ``prompt`` (a completion's text, or chat messages rendered with the
+        model's chat template), tokenized by the model's own tokenizer as its
+        card names it (``tokenizer=`` when those files are not on this host).
+        A worker whose view is incomplete (see ``why()``) counts what arrived
+        since.  Any thread.
+        """
+        kv = self._kv_routing()
+        ids, card = kv.tokens(tokens, prompt, model, tokenizer)
+        local = kv.local_hashes(ids, card, lora_name, cache_salt)
+        return kv.prefix_overlap(local, model if model is not None else card.display_name)
+
+    def _reserve_kv(self, tokens: Optional[Sequence[int]], prompt: Optional[Prompt], model: Optional[str],
+                    worker_type: Optional[str], exclude: Collection[int], lora_name: Optional[str],
+                    cache_salt: Optional[str], tokenizer: Any) -> Optional[Reservation]:
+        kv = self._kv_routing()
+        ids, card = kv.tokens(tokens, prompt, model, tokenizer)
+        local = kv.local_hashes(ids, card, lora_name, cache_salt)
+        size = card.kv_cache_block_size
+        name = model if model is not None else card.display_name
+        choose = kv.chooser(local, len(ids), size, exclude, name, worker_type)
+        chosen = self._picker.pick(book=True, blocks=max(1, math.ceil(len(ids) / size)), choose_fn=choose,
+                                   model=name, worker_type=worker_type)
+        res = None if chosen is None else chosen[3]
+        if res is None:
+            return None
+        last = kv.last_pick
+        res.overlap_blocks = last.costs.get((res.worker_id, res.dp_rank), (0, 0.0))[0] if last is not None else 0
+        res.token_ids = ids
+        return res
+
+    def _kv_health(self) -> Optional[SourceHealth]:
+        if self._kv is None:
+            return None
+        h = self._kv_source.health() if self._kv_source is not None else self._kv_status.view()
+        index = self._kv.index
+        counters = {**h.counters, **{f"index_{k}": v for k, v in index.counters.items()},
+                    "index_entries": index.entries, "index_max_blocks": index.max_blocks}
+        return SourceHealth(h.name, h.state, h.last_event_age, counters, h.last_error)

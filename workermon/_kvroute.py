@@ -1,0 +1,185 @@
+"""Picking by cached prefix, as Dynamo 1.6.1's KV router does (DYNAMO-KV.md §5), beside the index it reads.
+
+For a prompt of ``isl`` tokens in blocks of ``B`` (the card's
+``kv_cache_block_size``), each rank the busy rule calls free costs::
+
+    prefill_load_scale × max(0, isl/B − credit × device_overlap
+                                 − host_weight × host_overlap − disk_weight × disk_overlap)
+    + decode blocks: the rank's reported kv_used_blocks + blocks booked on it
+      since that report + this request's isl/B
+
+and the cheapest wins (ties broken at random).  A busy, held or unadmitted
+worker is never a candidate.  ``KvRouting`` holds the index, the options and
+the tokenizers, and hands the picker a chooser; the picker books the choice
+like any other (``blocks`` = the prompt's blocks).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+from ._kvhash import block_hashes, sequence_hashes
+from ._kvindex import KvIndex
+from ._tokens import Prompt, Tokenizers
+from .options import KvOptions
+
+__all__ = ["KvRouting", "KvPick"]
+
+Key = Tuple[int, int]
+
+
+class KvPick:
+    """What one kv pick saw: per (worker, rank), overlap in blocks and cost."""
+
+    __slots__ = ("at", "isl_blocks", "costs")
+
+    def __init__(self, at: float, isl_blocks: int, costs: Dict[Key, Tuple[int, float]]) -> None:
+        self.at = at
+        self.isl_blocks = isl_blocks
+        self.costs = costs
+
+
+class KvRouting:
+    """The KV index, its options, the tokenizers and the last pick (for ``why()``)."""
+
+    def __init__(self, options: KvOptions, state: Any, picker: Any, members: Callable[[], FrozenSet[int]]) -> None:
+        self.options = options
+        self.index = KvIndex(options.max_blocks)
+        self.tokenizers = Tokenizers()
+        self._state = state
+        self._picker = picker
+        self._members = members
+        self._rng = random.Random()
+        self._last_lock = threading.Lock()
+        self.last_pick: Optional[KvPick] = None
+
+    # --- the prompt ------------------------------------------------------------------------------
+
+    def _card(self, model: Optional[str]) -> Any:
+        """A member's card for ``model`` (every admitted worker of a model shares the hashed fields)."""
+        names = set()
+        for wid in self._members():
+            w = self._state.workers.get(wid)
+            if w is None or not w.admitted:
+                continue
+            if model is None or w.card.display_name == model:
+                if model is not None:
+                    return w.card
+                names.add(w.card.display_name)
+                card = w.card
+        if model is None and len(names) == 1:
+            return card
+        if model is None and names:
+            raise ValueError(f"the fleet serves {len(names)} models: name one with model=…")
+        raise LookupError(f"no member serves model {model!r}")
+
+    def tokens(self, tokens: Optional[Sequence[int]], prompt: Optional[Prompt], model: Optional[str],
+               tokenizer: Any = None) -> Tuple[List[int], Any]:
+        """The token ids (given, or ``prompt`` tokenized by the model's own tokenizer) and the model's card."""
+        if (tokens is None) == (prompt is None):
+            raise TypeError("give tokens=… (token ids) or prompt=… (text or chat messages), one of them")
+        card = self._card(model)
+        if tokens is None:
+            assert prompt is not None
+            return self.tokenizers.encode(prompt, card, model, tokenizer), card
+        if isinstance(tokens, (str, bytes)):
+            raise TypeError("tokens= takes token ids; pass text as prompt=…")
+        return list(tokens), card
+
+    def local_hashes(self, tokens: Sequence[int], card: Any, lora_name: Optional[str],
+                     cache_salt: Optional[str]) -> List[int]:
+        size = card.kv_cache_block_size
+        if not size:
+            raise LookupError(f"the card of model {card.display_name!r} gives no kv_cache_block_size")
+        return block_hashes(tokens, size, lora_name=lora_name, cache_salt=cache_salt)
+
+    # --- overlap and cost ------------------------------------------------------------------------
+
+    def overlaps(self, local: Sequence[int]) -> Tuple[Dict[Key, int], Dict[Key, int], Dict[Key, int]]:
+        """Leading blocks held on the device, host and disk tiers, per (worker, rank)."""
+        seqs = sequence_hashes(local)
+        idx = self.index
+        return idx.overlaps_seq(seqs, "device"), idx.overlaps_seq(seqs, "host_pinned"), idx.overlaps_seq(seqs, "disk")
+
+    def prefix_overlap(self, local: Sequence[int], model: Optional[str]) -> Dict[Key, int]:
+        device = self.index.overlaps(local)
+        out: Dict[Key, int] = {}
+        for wid in self._members():
+            w = self._state.workers.get(wid)
+            if w is None or not w.admitted or (model is not None and w.card.display_name != model):
+                continue
+            start = w.card.data_parallel_start_rank
+            for rank in range(start, start + min(w.card.data_parallel_size, 1024)):
+                out[(wid, rank)] = device.get((wid, rank), 0)
+        return out
+
+    def chooser(self, local: Sequence[int], isl_tokens: int, block_size: int, exclude: Collection[int],
+                model: Optional[str], worker_type: Optional[str]) -> Callable[[Tuple[int, ...]], Any]:
+        """A chooser for ``Picker.pick(choose_fn=…)``: the free rank of lowest cost."""
+        opt = self.options
+        isl_blocks = isl_tokens / block_size
+        request_blocks = math.ceil(isl_blocks)
+        device, host, disk = self.overlaps(local)
+        picker = self._picker
+        state = self._state
+        excluded = frozenset(i + (1 << 64) if i < 0 else i for i in exclude)
+
+        def choose(free: Tuple[int, ...]) -> Any:
+            best: Optional[Tuple[float, int, int, int]] = None
+            ties = 0
+            costs: Dict[Key, Tuple[int, float]] = {}
+            for wid in free:
+                if wid in excluded:
+                    continue
+                w = state.workers.get(wid)
+                if w is None or not w.admitted or w.hold_until is not None:
+                    continue
+                card = w.card
+                if (model is not None and card.display_name != model) or (
+                        worker_type is not None and card.worker_type != worker_type):
+                    continue
+                for rank, load, booked in picker.free_ranks(wid, w):
+                    key = (wid, rank)
+                    dev = device.get(key, 0)
+                    uncached = isl_blocks - opt.overlap_credit * dev - opt.host_cache_weight * host.get(key, 0) \
+                        - opt.disk_cache_weight * disk.get(key, 0)
+                    cost = opt.prefill_load_scale * max(0.0, uncached) + load + booked + request_blocks
+                    costs[key] = (dev, cost)
+                    if best is None or cost < best[0]:
+                        best, ties = (cost, wid, rank, dev), 1
+                    elif cost == best[0]:
+                        ties += 1
+                        if self._rng.random() * ties < 1:  # a uniform choice among equal costs
+                            best = (cost, wid, rank, dev)
+            with self._last_lock:
+                self.last_pick = KvPick(time.monotonic(), request_blocks, costs)
+            if best is None:
+                return None
+            cost, wid, rank, dev = best
+            n = len(costs)
+            return wid, ((0, cost), rank, None, picker.in_flight_now(wid)), lambda: (
+                f"kv: {wid:x} rank {rank} holds {dev} of the prompt's {isl_blocks:g} blocks; cost {cost:.2f}, "
+                f"the lowest of {n} free rank(s)")
+        return choose
+
+    def describe(self, worker_id: int, ranks: Sequence[int]) -> Tuple[str, ...]:
+        """Lines for ``why()``: each rank's cached blocks, its view's completeness, the last pick's cost."""
+        lines = []
+        last = self.last_pick
+        for rank in ranks:
+            view = self.index.slot(worker_id, rank)
+            if view is None:
+                text = "no KV events seen (no cached prefix is credited)"
+            else:
+                text = f"{view.blocks} cached block(s)" + ("" if view.complete else
+                                                           f"; view incomplete: {view.why_incomplete}")
+            if last is not None and (worker_id, rank) in last.costs:
+                ov, cost = last.costs[(worker_id, rank)]
+                age = time.monotonic() - last.at
+                text += f"; last kv pick ({age:.1f} s ago): overlap {ov} of {last.isl_blocks} blocks, cost {cost:.2f}"
+            lines.append(f"rank {rank}: {text}")
+        return tuple(lines)
