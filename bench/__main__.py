@@ -626,6 +626,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "choose the cheapest that keeps every check", f"{cost_us / base_cost:.2f}× msgspec's cost"))
     mem = memory_per_worker(10_000)
     rows.append(("memory per worker (10k, card + report)", f"{mem:,.0f} B", "≤ 2 KB", "✅" if mem <= 2048 else "❌"))
+    # 8. KV-aware picking (bench/kv.py)
+    from bench.kv import rows as kv_rows
+
+    rows.extend(kv_rows(smoke))
 
     width = max(len(r[0]) for r in rows)
     lines = [f"workermon benchmarks — {machine()}", f"({'smoke run' if smoke else 'full run'}, "
@@ -637,8 +641,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        Path(args.write).write_text(_markdown(text, " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])))
+        out = Path(args.write)
+        # The end-to-end section (python -m bench e2e) is its own: keep it.
+        kept = out.read_text().partition(E2E_MARKER)[2] if out.exists() else ""
+        body = _markdown(text, " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]))
+        out.write_text(body + (f"\n{E2E_MARKER}{kept}" if kept else ""))
     return 0
+
+
+E2E_MARKER = "<!-- python -m bench e2e -->"
 
 
 def _markdown(table: str, command: str) -> str:

@@ -28,11 +28,18 @@ Run it under gunicorn (one host agent, many router processes; see
 or alone, with its own monitor: ``python examples/flask_router.py --port 8080``.
 
 Settings (environment; see :meth:`RouterSettings.from_env`):
-``WORKERMON_FRONTEND_URL``, ``WORKERMON_STRATEGY`` (default: the agent's),
+``WORKERMON_FRONTEND_URL``, ``WORKERMON_STRATEGY`` (default: the agent's;
+``kv``: KV mode, below),
 ``WORKERMON_OVERLOAD_STATUS``, ``WORKERMON_TOKENIZER`` (``tokenizer.json`` or
 its directory), ``WORKERMON_BLOCK_SIZE`` (the fleet's KV block size, default
 16), ``WORKERMON_SIZE_REQUESTS`` (``0``: book one block per request),
 ``WORKERMON_ATTEMPTS``, ``WORKERMON_UPSTREAM_TIMEOUT``.
+
+KV mode (``WORKERMON_STRATEGY=kv``): each process follows every worker's KV
+events (``WorkerMonitor(kv_index=True)``), tokenizes each prompt once with the
+model's own tokenizer, ``reserve(strategy="kv", prompt=…)``s by cached prefix
+and load as Dynamo's KV router does, and forwards the token ids it hashed as
+``"nvext": {"token_data": …}``, so the worker runs exactly those tokens.
 
 For backends that are not Dynamo (each worker id has its own HTTP base URL), a
 plain "worker URL" mode forwards straight to the worker instead:
@@ -266,6 +273,30 @@ def create_app(
         except ValueError:
             return None  # not JSON: the frontend will say what is wrong with it
 
+    kv_mode = settings.strategy == "kv"
+
+    def reserve_kv(mon: Any, body: Optional[bytes], excluded: Tuple[int, ...]) -> Tuple[Any, Optional[bytes]]:
+        """KV mode: tokenize once, pick by cached prefix, forward exactly the tokens that were hashed."""
+        try:
+            doc = json.loads(body or b"")
+        except ValueError:
+            doc = None
+        prompt = None
+        if isinstance(doc, dict):
+            prompt = doc.get("messages") if isinstance(doc.get("messages"), list) else doc.get("prompt")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            return mon.reserve(exclude=excluded, strategy="p2c"), body  # nothing to hash: by load
+        model = doc.get("model") if isinstance(doc.get("model"), str) else None
+        try:
+            res = mon.reserve(strategy="kv", prompt=prompt, model=model, exclude=excluded)
+        except LookupError:
+            res = mon.reserve(strategy="kv", prompt=prompt, exclude=excluded)  # served under another name
+        if res is not None and res.token_ids is not None:
+            nvext = doc.get("nvext") if isinstance(doc.get("nvext"), dict) else {}
+            doc["nvext"] = {**nvext, "token_data": res.token_ids}
+            body = json.dumps(doc).encode()
+        return res, body
+
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)
     def route(path: str) -> Response:
@@ -276,7 +307,10 @@ def create_app(
             path += "?" + request.query_string.decode("latin-1")
         excluded: Tuple[int, ...] = ()
         for attempt in range(1, settings.attempts + 1):
-            res = mon.reserve(strategy=settings.strategy, exclude=excluded, blocks=blocks)
+            if kv_mode and request.method == "POST":
+                res, body = reserve_kv(mon, body, excluded)
+            else:
+                res = mon.reserve(strategy=None if kv_mode else settings.strategy, exclude=excluded, blocks=blocks)
             if res is None:
                 if not mon.members():
                     return refuse("No workers are available")
@@ -379,11 +413,13 @@ class _MonitorHolder:
             if self._own is None or self._pid != os.getpid():
                 # After fork a parent's connection is not ours: connect anew (never start threads before fork).
                 mon: Any
-                if os.environ.get("WORKERMON_MODE", "agent") == "per-process":
+                kv = os.environ.get("WORKERMON_STRATEGY") == "kv"
+                if os.environ.get("WORKERMON_MODE", "agent") == "per-process" or kv:
+                    # KV mode follows every worker's KV events in this process (the agent shares no index).
                     mon = WorkerMonitor(namespace=os.environ.get("DYN_NAMESPACE", "dynamo"),
                                         busy_threshold=float(os.environ.get("WORKERMON_BUSY_THRESHOLD", "0.9")),
-                                        strategy=os.environ.get("WORKERMON_STRATEGY") or "p2c",
-                                        overflow=os.environ.get("WORKERMON_OVERFLOW") or "steer")
+                                        strategy="p2c" if kv else os.environ.get("WORKERMON_STRATEGY") or "p2c",
+                                        overflow=os.environ.get("WORKERMON_OVERFLOW") or "steer", kv_index=kv)
                 else:
                     mon = SharedMonitor()
                 mon.start()
@@ -411,8 +447,10 @@ def main() -> None:
                         default=float(os.environ.get("WORKERMON_BUSY_THRESHOLD", "0.9")))
     args = parser.parse_args()
     settings = RouterSettings.from_env()
+    kv = settings.strategy == "kv"
     monitor = WorkerMonitor(busy_threshold=args.busy_threshold, namespace=os.environ.get("DYN_NAMESPACE", "dynamo"),
-                            strategy=settings.strategy or "p2c")  # type: ignore[arg-type]
+                            strategy="p2c" if kv else settings.strategy or "p2c",  # type: ignore[arg-type]
+                            kv_index=kv)
     with monitor:
         monitor.wait_ready(10)
         if settings.frontend_url:

@@ -14,7 +14,8 @@ Settings by environment (defaults in brackets):
 
 - ``WORKERMON_BIND`` [127.0.0.1:8080], ``WORKERMON_GUNICORN_WORKERS`` [CPUs, at
   least 2], ``WORKERMON_GUNICORN_THREADS`` [32];
-- ``WORKERMON_FRONTEND_URL``; ``WORKERMON_STRATEGY`` [p2c];
+- ``WORKERMON_FRONTEND_URL``; ``WORKERMON_STRATEGY`` [p2c; ``kv``: pick by
+  cached prefix, a ``WorkerMonitor(kv_index=True)`` per process, no agent];
   ``WORKERMON_OVERFLOW`` [steer]; ``WORKERMON_BUSY_THRESHOLD`` [0.9: use the
   frontend's ``--busy-threshold``]; ``WORKERMON_OVERLOAD_STATUS`` [529];
   ``WORKERMON_TOKENIZER``, ``WORKERMON_BLOCK_SIZE`` [16] (request sizing, see
@@ -62,8 +63,8 @@ _agent: Optional["subprocess.Popen[bytes]"] = None
 
 def on_starting(server: Any) -> None:
     global _agent
-    if os.environ.get("WORKERMON_MODE", "agent") != "agent":
-        return
+    if os.environ.get("WORKERMON_MODE", "agent") != "agent" or os.environ.get("WORKERMON_STRATEGY") == "kv":
+        return  # per-process monitors (KV mode follows the KV events in each process)
     from workermon._protocol import default_socket_path
 
     sock = os.environ.setdefault("WORKERMON_AGENT_SOCKET", default_socket_path())

@@ -256,7 +256,8 @@ def _monitor_from_args(args: argparse.Namespace) -> WorkerMonitor:
                              endpoint=args.endpoint, event_plane=args.event_plane,
                              zmq_broker_url=args.zmq_broker_url if args.zmq_broker_url else FROM_ENV,
                              etcd=etcd, nats=nats, strategy=getattr(args, "strategy", "p2c"),
-                             overflow=getattr(args, "overflow", "steer"))
+                             overflow=getattr(args, "overflow", "steer"),
+                             kv_index=bool(getattr(args, "kv_index", False)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -448,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_monitor_args(w)
     w.add_argument("--why", type=_worker_id, default=None, metavar="ID",
                    help="below the table, explain why this worker (hex as in Dynamo's keys, or decimal) is busy or not")
+    w.add_argument("--kv-index", action="store_true",
+                   help="also follow the workers' kv-events (ZMQ plane): --why then shows each rank's cached blocks")
     _add_view_args(w)
     a = sub.add_parser("agent", help="one monitor per host, served to local processes (SharedMonitor)")
     _add_monitor_args(a)

@@ -16,11 +16,13 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -36,10 +38,12 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 BASE = "The quick brown fox jumps over the lazy dog; " * 6
 
 
-def _complete(port: int, model: str, prompt: str) -> Tuple[int, Dict[str, object]]:
+def _complete(port: int, model: str, prompt: str, worker: Optional[int] = None) -> Tuple[int, Dict[str, object]]:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "min_tokens": 2})
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if worker is not None:
+        headers["x-worker-instance-id"] = str(worker)  # obeyed in kv mode too
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body.encode(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -108,6 +112,41 @@ def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monke
             res.release()
             why = str(mon.why(res.worker_id))
             assert "cached block" in why and "last kv pick" in why, why
+
+            # The Flask router in KV mode: tokenized once, picked by prefix, the hashed ids forwarded.
+            from examples.flask_router import RouterSettings, create_app
+
+            app = create_app(mon, frontend_url=f"http://127.0.0.1:{fleet.http_port}",
+                             settings=RouterSettings(strategy="kv"))
+            prompt = prompts[-1]
+            want = max(mon.prefix_overlap(prompt=prompt).values())
+            r = app.test_client().post("/v1/completions", json={
+                "model": model, "prompt": prompt, "max_tokens": 2, "nvext": {"extra_fields": ["worker_id"]}})
+            assert r.status_code == 200, r.get_data(as_text=True)
+            answer = r.get_json()
+            assert answer["nvext"]["worker_id"]["decode_worker_id"] == int(r.headers["X-Workermon-Worker"], 16)
+            assert answer["usage"]["prompt_tokens"] == len(mon._kv_routing().tokens(None, prompt, None)[0])
+            assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * want
+
+            # `workermon watch --kv-index --why ID` shows that worker's cached blocks (it starts late:
+            # its view fills with what is stored from now on, and says it is incomplete).
+            watch = subprocess.Popen(
+                [sys.executable, "-m", "workermon", "watch", "--etcd", etcd.url, "--event-plane", "zmq", "--kv-index",
+                 "--plain", "--duration", "8", "--interval", "1", "--why", str(res.worker_id)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                assert watch.stdout is not None
+                first = watch.stdout.readline()  # the first table: its monitor is ready
+                assert first, "watch printed nothing"
+                for i in range(4):
+                    _complete(fleet.http_port, model, f"fresh prompt {i} " * 20, res.worker_id)
+                out = first + watch.communicate(timeout=30)[0]
+            finally:
+                if watch.poll() is None:
+                    watch.kill()
+                    watch.wait()
+            assert watch.returncode == 0, out
+            assert re.search(r"kv rank 0: \d+ cached block\(s\)", out), out[-2000:]
 
             # Killed workers' blocks leave with their leases (1.6.1: 30 s).
             holders = {w for (w, _), n in mon.prefix_overlap(prompt=prompts[-1]).items() if n}
