@@ -244,7 +244,7 @@ class Bench:
             result = summarise(out, self.args.duration)
             result.update(config=name, seed=seed, started=started)
             if router is not None:
-                result["router_ttft_overhead_ms_p50"] = router_overhead(out, self.workdir / f"frontend-direct.log",
+                result["router_ttft_overhead_ms_p50"] = router_overhead(out, self.workdir / "frontend-direct.log",
                                                                         started)
             return result
         finally:

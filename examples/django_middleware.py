@@ -1,4 +1,4 @@
-"""Django middleware: reserve a Dynamo worker per request, 503 when none can take it.
+"""Django middleware: reserve a Dynamo worker per request, 529 (as Dynamo 1.3+) when none can take it.
 
 Add it to ``MIDDLEWARE`` and configure the monitor in settings::
 
@@ -7,6 +7,8 @@ Add it to ``MIDDLEWARE`` and configure the monitor in settings::
                  "nats_servers": ["nats://127.0.0.1:4222"],
                  "namespace": "dynamo", "busy_threshold": 0.9}
     WORKERMON_EXEMPT_PATHS = ["/healthz"]        # optional
+    WORKERMON_OVERLOAD_STATUS = 529              # optional: 503 for clients of Dynamo before 1.3
+    WORKERMON_STRATEGY = "kv"                    # optional: by cached prefix (WORKERMON["kv_index"] = True)
 
 Views then read ``request.workermon_worker`` (the chosen worker id) and
 ``request.workermon_reservation``; with ``WORKERMON_FRONTEND_URL`` the
@@ -18,6 +20,7 @@ monitor is started per process on first use; under a pre-forking server
 from __future__ import annotations
 
 import atexit
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -73,54 +76,62 @@ class BusyWorkersMiddleware:
         self.exempt = tuple(getattr(settings, "WORKERMON_EXEMPT_PATHS", ()))
         self.frontend = getattr(settings, "WORKERMON_FRONTEND_URL", None)
         self.prefix = getattr(settings, "WORKERMON_FORWARD_PREFIX", "/v1/")
+        self.status = int(getattr(settings, "WORKERMON_OVERLOAD_STATUS", 529))  # Dynamo 1.3+; 503 before
+        # "kv": pick by cached prefix (settings.WORKERMON needs "kv_index": True) and forward the token ids.
+        self.kv = getattr(settings, "WORKERMON_STRATEGY", None) == "kv"
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path.startswith(self.exempt) if self.exempt else False:
             return self.get_response(request)
         monitor = get_monitor()
         excluded: Tuple[int, ...] = ()
+        forwarding = bool(self.frontend) and request.path.startswith(self.prefix)
+        body = request.body if forwarding else b""
         for attempt in (1, 2):
-            res = monitor.reserve(exclude=excluded)
+            if self.kv and forwarding and request.method == "POST":
+                res, body = _reserve_kv(monitor, request.body, excluded)
+            else:
+                res = monitor.reserve(exclude=excluded)
             if res is None:
-                return _unavailable(monitor, attempt)
+                return _unavailable(monitor, self.status)
             request.workermon_reservation = res  # type: ignore[attr-defined]
             request.workermon_worker = res.worker_id  # type: ignore[attr-defined]
             try:
-                if self.frontend and request.path.startswith(self.prefix):
-                    response = self._forward(request, res)
-                    if response.status_code == OVERLOADED:
+                if forwarding:
+                    response = self._forward(request, res, body)
+                    if response.status_code in OVERLOAD_STATUSES:
                         response.close()
                         res.overloaded()
                         excluded += (res.worker_id,)
                         if attempt == 1:
                             continue
-                        return _unavailable(monitor, 2)
+                        return _unavailable(monitor, self.status)
                 else:
                     response = self.get_response(request)
             except BaseException:
                 res.release()
                 raise
             return _release_when_done(response, res)
-        return _unavailable(monitor, 2)
+        return _unavailable(monitor, self.status)
 
-    def _forward(self, request: HttpRequest, res: Reservation) -> HttpResponse:
+    def _forward(self, request: HttpRequest, res: Reservation, body: bytes) -> HttpResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers.update(dynamo_headers(request))
         url = f"{str(self.frontend).rstrip('/')}{request.get_full_path()}"
-        req = urllib.request.Request(url, data=request.body or None, headers=headers, method=request.method)
+        req = urllib.request.Request(url, data=body or None, headers=headers, method=request.method)
         try:
             up = urllib.request.urlopen(req, timeout=300)
         except urllib.error.HTTPError as err:
             up = err
         status = getattr(up, "status", None) or up.code
-        out = StreamingHttpResponse(iter(up.readline, b""), status=status,
+        out = StreamingHttpResponse(iter(lambda: up.read1(65536), b""), status=status,
                                     content_type=up.headers.get("Content-Type", "application/json"))
         out["X-Workermon-Worker"] = f"{res.worker_id:x}"
         out._resource_closers.append(up.close)  # closed with the response
         return out
 
 
-OVERLOADED = 529
+OVERLOAD_STATUSES = (529, 503)  # the frontend's overload answers: 529 from Dynamo 1.3 on, 503 before
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -131,12 +142,36 @@ def dynamo_headers(request: HttpRequest) -> Dict[str, str]:
     return {"x-worker-instance-id": str(res.worker_id), "x-dp-rank": str(res.dp_rank)}
 
 
-def _unavailable(monitor: WorkerMonitor, attempt: int) -> HttpResponse:
-    busy = bool(monitor.busy_workers()) or attempt == 2
-    message = "All workers are busy, please retry later" if busy else "No workers are available"
-    resp = JsonResponse({"error": {"message": message, "type": "Service Unavailable", "code": 503}}, status=503)
+def _unavailable(monitor: WorkerMonitor, status: int) -> HttpResponse:
+    message = "All workers are busy, please retry later" if monitor.members() else "No workers are available"
+    resp = JsonResponse({"error": {"message": message, "type": "Service Overloaded", "code": status}}, status=status)
+    resp.reason_phrase = "Service Overloaded" if status == 529 else resp.reason_phrase
     resp["Retry-After"] = "1"
     return resp
+
+
+def _reserve_kv(monitor: WorkerMonitor, raw: bytes, excluded: Tuple[int, ...]) -> Tuple[Optional[Reservation], bytes]:
+    """KV mode: tokenize once, reserve by cached prefix, forward exactly the ids that were hashed."""
+    try:
+        doc = json.loads(raw or b"")
+    except ValueError:
+        doc = None
+    prompt = None
+    if isinstance(doc, dict):
+        prompt = doc.get("messages") if isinstance(doc.get("messages"), list) else doc.get("prompt")
+    if not isinstance(prompt, (str, list)) or not prompt:
+        return monitor.reserve(exclude=excluded), raw  # nothing to hash: by load
+    assert isinstance(doc, dict)
+    model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    try:
+        res = monitor.reserve(strategy="kv", prompt=prompt, model=model, exclude=excluded)
+    except LookupError:
+        res = monitor.reserve(strategy="kv", prompt=prompt, exclude=excluded)  # served under another name
+    if res is None or res.token_ids is None:
+        return res, raw
+    nvext = doc.get("nvext") if isinstance(doc.get("nvext"), dict) else {}
+    doc["nvext"] = {**nvext, "token_data": res.token_ids}
+    return res, json.dumps(doc).encode()
 
 
 def _release_when_done(response: HttpResponse, res: Reservation) -> HttpResponse:

@@ -134,7 +134,7 @@ def test_django_middleware(etcd_server: EtcdServer, nats_server: NatsServer, nam
             pb.report(99)
             assert mon.wait_for(lambda: mon.busy_workers() == {pa.worker_id, pb.worker_id}, 10)
             r = client.get("/work")
-            assert r.status_code == 503 and r["Retry-After"] == "1"
+            assert r.status_code == 529 and r["Retry-After"] == "1"
             assert r.json()["error"]["message"] == "All workers are busy, please retry later"
             assert client.get("/healthz").status_code == 200      # exempt path
             pb.report(0)

@@ -130,13 +130,12 @@ def item(wid: int, eid: int, data: Any, rank: int = 0, tier: str = "device") -> 
 
 def stored(local: List[int], parent: Any = None, engine_names: bool = False) -> Dict[str, Any]:
     blocks = []
-    prev = parent
     seq_parent = parent
     for x in local:
         seq = x if seq_parent is None else chain_hash(seq_parent, x)
         bh = (seq ^ 0x5555) if engine_names else seq
         blocks.append({"block_hash": bh, "tokens_hash": x, "mm_extra_info": None})
-        prev, seq_parent = bh, seq
+        seq_parent = seq
     return {"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}}
 
 

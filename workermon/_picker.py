@@ -21,13 +21,14 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Literal, Optional, Tuple
 
 from ._reduce import Counters, FleetState, rank_verdict
 
-__all__ = ["OVERFLOW", "Overflow", "Picker", "Reservation", "STRATEGIES", "SharedPicker", "Strategy", "best_rank", "choose"]
+__all__ = ["Assessment", "Chosen", "Ledger", "OVERFLOW", "Overflow", "Picker", "Reservation", "STRATEGIES", "Strategy",
+           "best_rank", "check_blocks", "check_overflow", "check_strategy", "choose", "settle", "take_credit",
+           "unsigned_ids"]
 
 Strategy = Literal["p2c", "least_loaded", "round_robin", "random"]
 STRATEGIES: Tuple[str, ...] = ("p2c", "least_loaded", "round_robin", "random")
@@ -113,7 +114,7 @@ class Reservation:
         return f"<Reservation {self.worker_id:x} rank {self.dp_rank} {state}: {self.reason}>"
 
 
-class _Ledger:
+class Ledger:
     """The bookings a picker holds: live ones by token (creation order = deadline order) and the
     number in flight per worker, under the picker's lock.  Each picker says how a booking's blocks
     stop counting (:meth:`_uncredit`)."""
@@ -152,7 +153,7 @@ class _Ledger:
             self.counters.inc("expired")
 
 
-def _take_credit(credit: Dict[Any, List[int]], key: Any, seq: int, blocks: int) -> None:
+def take_credit(credit: Dict[Any, List[int]], key: Any, seq: int, blocks: int) -> None:
     """Remove a booking's blocks from ``credit[key] = [report seq, blocks]`` while that report is current."""
     acc = credit.get(key)
     if acc is not None and acc[0] == seq:
@@ -162,10 +163,10 @@ def _take_credit(credit: Dict[Any, List[int]], key: Any, seq: int, blocks: int) 
 
 
 # An assessment of one candidate: (sort key, rank chosen, utilisation or None, in-flight count).
-_Assessment = Tuple[Tuple[int, float], int, Optional[float], int]
+Assessment = Tuple[Tuple[int, float], int, Optional[float], int]
 
 
-class Picker(_Ledger):
+class Picker(Ledger):
     """Chooses and books workers; see the module docstring for the credit rule."""
 
     def __init__(
@@ -252,12 +253,12 @@ class Picker(_Ledger):
         blocks = self.default_blocks if blocks is None else check_blocks(blocks)
         free = self._free()
         assess_one = self._assess
-        excluded = _unsigned(exclude) if exclude else frozenset()
+        excluded = unsigned_ids(exclude) if exclude else frozenset()
 
-        def assess(wid: int) -> Optional[_Assessment]:
+        def assess(wid: int) -> Optional[Assessment]:
             return None if wid in excluded else assess_one(wid, blocks, model, worker_type, False)
 
-        def steer(wid: int) -> Optional[_Assessment]:
+        def steer(wid: int) -> Optional[Assessment]:
             return None if wid in excluded else assess_one(wid, blocks, model, worker_type, True)
         with self._lock:
             now = self._clock()
@@ -287,7 +288,7 @@ class Picker(_Ledger):
                                                   self._overloaded)
 
     def _assess(self, wid: int, blocks: int, model: Optional[str], worker_type: Optional[str],
-                overflow: bool = False) -> Optional[_Assessment]:
+                overflow: bool = False) -> Optional[Assessment]:
         """Whether ``wid`` can take ``blocks`` more, on which rank, at what predicted utilisation.
 
         A rank qualifies only when the busy rule calls it free right now (the
@@ -334,7 +335,7 @@ class Picker(_Ledger):
     # --- releasing and expiry ---------------------------------------------------
 
     def _uncredit(self, b: _Booking) -> None:
-        _take_credit(self._credit, (b.wid, b.rank), b.seq, b.blocks)
+        take_credit(self._credit, (b.wid, b.rank), b.seq, b.blocks)
 
     def _expire(self, now: float) -> None:
         self._expire_due(now)
@@ -419,20 +420,20 @@ def check_blocks(blocks: Any) -> int:
     return blocks
 
 
-def _unsigned(ids: Collection[int]) -> FrozenSet[int]:
+def unsigned_ids(ids: Collection[int]) -> FrozenSet[int]:
     """Worker ids a caller named, in the unsigned form the fleet is keyed by."""
     return frozenset(i + (1 << 64) if i < 0 else i for i in ids)
 
 
-def _describe(a: _Assessment) -> str:
+def _describe(a: Assessment) -> str:
     util = a[2]
     return f"util {util:.2f}" if util is not None else f"{a[3]} in flight"
 
 
-Chosen = Optional[Tuple[int, _Assessment, Callable[[], str]]]
+Chosen = Optional[Tuple[int, Assessment, Callable[[], str]]]
 
 
-def _scan(free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+def _scan(free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]]) -> Chosen:
     best: Chosen = None
     for wid in free:
         a = assess(wid)
@@ -441,7 +442,7 @@ def _scan(free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]])
     return best
 
 
-def _least_loaded(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+def _least_loaded(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]]) -> Chosen:
     best = _scan(free, assess)
     if best is None:
         return None
@@ -449,7 +450,7 @@ def _least_loaded(picker: Picker, free: Tuple[int, ...], assess: Callable[[int],
     return wid, a, lambda: f"least_loaded: {wid:x} has the lowest predicted load of {len(free)} free ({_describe(a)})"
 
 
-def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]]) -> Chosen:
     n = len(free)
     if n == 0:
         return None
@@ -459,7 +460,7 @@ def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional
             return None
         return free[0], only, lambda: f"p2c: {free[0]:x} is the only free worker ({_describe(only)})"
     rng = picker._rng
-    found: List[Tuple[int, _Assessment]] = []
+    found: List[Tuple[int, Assessment]] = []
     first = -1
     rand = rng.random
     for _ in range(_SAMPLES):
@@ -486,7 +487,7 @@ def _p2c(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional
     return w1, a1, lambda: f"p2c: {w1:x} ({_describe(a1)}) over {w2:x} ({_describe(a2)})"
 
 
-def _round_robin(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+def _round_robin(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]]) -> Chosen:
     n = len(free)
     for k in range(n):
         i = (picker._rr + k) % n
@@ -498,7 +499,7 @@ def _round_robin(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], 
     return None
 
 
-def _random(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]]) -> Chosen:
+def _random(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]]) -> Chosen:
     n = len(free)
     rng = picker._rng
     for _ in range(_SAMPLES if n else 0):
@@ -513,7 +514,7 @@ def _random(picker: Picker, free: Tuple[int, ...], assess: Callable[[int], Optio
     return wid, a, lambda: f"random: {wid:x} of {len(eligible)} that can take it ({_describe(a)})"
 
 
-_STRATEGY_IMPL: Dict[str, Callable[[Any, Tuple[int, ...], Callable[[int], Optional[_Assessment]]], Chosen]] = {
+_STRATEGY_IMPL: Dict[str, Callable[[Any, Tuple[int, ...], Callable[[int], Optional[Assessment]]], Chosen]] = {
     "p2c": _p2c,
     "least_loaded": _least_loaded,
     "round_robin": _round_robin,
@@ -533,8 +534,8 @@ def settle(counters: Counters, chosen: Chosen, book: bool
     return wid, assessment[1], reason, None
 
 
-def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[int], Optional[_Assessment]],
-           book: bool, steer: Optional[Callable[[int], Optional[_Assessment]]] = None) -> Chosen:
+def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]],
+           book: bool, steer: Optional[Callable[[int], Optional[Assessment]]] = None) -> Chosen:
     """Apply a strategy over ``free`` with ``assess``; ``draws`` holds ``_rng`` and the round-robin
     cursor ``_rr`` (a dry run leaves the cursor where the next booking will find it).
 
@@ -554,192 +555,3 @@ def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[i
             chosen = wid, a, lambda: (f"steer: no free worker has room for this request; {wid:x} has the most "
                                       f"room left ({_describe(a)})")
     return chosen
-
-
-# --- picking from the host agent's shared memory (SharedMonitor) ---------------------------------
-
-
-class _SharedBooking:
-    __slots__ = ("wid", "rank", "rank_slot", "seq", "blocks", "deadline", "live", "token", "generation")
-
-    def __init__(self, wid: int, rank: int, rank_slot: int, seq: int, blocks: int, deadline: float, token: int,
-                 generation: int) -> None:
-        self.wid = wid
-        self.rank = rank
-        self.rank_slot = rank_slot
-        self.seq = seq
-        self.blocks = blocks
-        self.deadline = deadline
-        self.live = True
-        self.token = token
-        self.generation = generation  # the booking row it was written to (-1: this process only)
-
-
-class SharedPicker(_Ledger):
-    """Picks from the host agent's shared memory and books in this process's own row.
-
-    The same rule as :class:`Picker` (:func:`best_rank`, the same strategies):
-    each rank's reported load and the busy rule's verdict come from the
-    agent's rows, the bookings from every process's row, so a booking made
-    here counts in every process at once.  Without a booking row (the agent is
-    gone) bookings count in this process only, and picking goes on over the
-    last state the agent published.  Thread-safe: one lock per process.
-    """
-
-    def __init__(self, strategy: str = "p2c", reservation_ttl: float = 300.0, default_blocks: int = 1,
-                 overloaded: Optional[Callable[[int], None]] = None, overflow: str = "steer") -> None:
-        from ._shm import SharedFleet
-
-        self.strategy = check_strategy(strategy)
-        self.overflow = check_overflow(overflow)
-        self.reservation_ttl = reservation_ttl
-        self.default_blocks = check_blocks(default_blocks)
-        self._overloaded = overloaded
-        self._rng = random.Random()
-        self._rr = 0
-        self._lock = threading.Lock()
-        self._fleet: Optional[SharedFleet] = None
-        self._row = -1
-        self._generation = 0
-        self._index: Dict[int, int] = {}
-        self._index_seq = -1
-        self._bookings: "OrderedDict[int, _SharedBooking]" = OrderedDict()
-        self._local: Dict[int, List[int]] = {}  # rank slot -> [report seq, blocks] while without a row
-        self._tokens = itertools.count(1)
-        self._inflight: Dict[int, int] = {}
-        self.counters = Counters()
-
-    def attach(self, fleet: Any, row: int) -> None:
-        """A (new) connection: the agent's mapping and this process's booking row in it.
-
-        The picker owns the mapping from here: a new agent lifetime's mapping
-        replaces the old one, which is closed (under the lock no pick holds it).
-        """
-        with self._lock:
-            if fleet is not self._fleet:
-                if self._fleet is not None:
-                    self._fleet.close()
-                self._index_seq = -1
-                self._local.clear()
-            self._fleet = fleet
-            self._row = row
-            self._generation += 1
-
-    def detach(self) -> None:
-        """The connection closed: the agent clears (and may reuse) the row; book locally from now."""
-        with self._lock:
-            self._row = -1
-            self._generation += 1
-
-    @property
-    def attached(self) -> bool:
-        return self._fleet is not None
-
-    def close(self) -> None:
-        """The monitor stopped: no more picks from the mapping; it is closed."""
-        with self._lock:
-            self._row = -1
-            if self._fleet is not None:
-                self._fleet.close()
-                self._fleet = None
-
-    def in_flight(self, worker_id: Optional[int] = None) -> int:
-        """This process's live reservations (on ``worker_id``, or in all)."""
-        with self._lock:
-            self._expire(time.monotonic())
-            return len(self._bookings) if worker_id is None else self._inflight.get(worker_id, 0)
-
-    def pick(self, free: Tuple[int, ...], *, book: bool, strategy: Optional[str] = None,
-             exclude: Collection[int] = (), blocks: Optional[int] = None, model: Optional[str] = None,
-             worker_type: Optional[str] = None) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
-        from ._shm import ADMITTED, BUSY, HELD, NONE32, model_hash
-
-        strategy = self.strategy if strategy is None else check_strategy(strategy)
-        blocks = self.default_blocks if blocks is None else check_blocks(blocks)
-        excluded = _unsigned(exclude)
-        want_model = None if model is None else model_hash(model)
-        want_type = None if worker_type is None else model_hash(worker_type)
-        with self._lock:
-            fleet = self._fleet
-            if fleet is None:
-                self.counters.inc("rejected" if book else "select_none")
-                return None
-            now = time.monotonic()
-            if self._bookings and next(iter(self._bookings.values())).deadline <= now:
-                self._expire(now)
-            _, layout_seq, slots_used, threshold_f, procs_used = fleet.header()
-            if layout_seq != self._index_seq:
-                self._index = fleet.scan(slots_used)
-                self._index_seq = layout_seq
-            threshold = None if threshold_f != threshold_f else threshold_f  # NaN: the KV rule is off
-            index = self._index
-            local = self._local
-            where: Dict[int, Tuple[int, int, List[Tuple[int, int, int]]]] = {}
-
-            def assess(wid: int, overflow: bool = False) -> Optional[_Assessment]:
-                if wid in excluded:
-                    return None
-                slot = index.get(wid)
-                row = fleet.read_slot(slot) if slot is not None else None
-                if row is None:
-                    return None
-                flags, rwid, total, dp_start, first, _n, mhash, thash, ranks = row
-                if rwid != wid or not flags & ADMITTED or flags & (HELD | BUSY):
-                    return None
-                if (want_model is not None and mhash != want_model) or (want_type is not None and thash != want_type):
-                    return None
-                free_ranks = []
-                for i, (load, seq, busy) in enumerate(ranks):
-                    if busy:
-                        continue  # the busy rule calls this rank busy
-                    booked = fleet.booked(first + i, seq, procs_used)
-                    acc = local.get(first + i)
-                    if acc is not None and acc[0] == seq:
-                        booked += acc[1]
-                    free_ranks.append((dp_start + i, 0 if load == NONE32 else load, booked))
-                best = best_rank(free_ranks, None if total == NONE32 else total, threshold, blocks, overflow)
-                if best is None:
-                    return None
-                where[wid] = (first, dp_start, ranks)
-                inflight = self._inflight.get(wid, 0)
-                if best[2] is not None:
-                    return (0, best[2]), best[1], best[2], inflight
-                return (1, best[0]), best[1], None, inflight
-
-            def steer(wid: int) -> Optional[_Assessment]:
-                return assess(wid, True)
-            chosen = choose(strategy, self, free, assess, book, steer if self.overflow == "steer" else None)
-            settled = settle(self.counters, chosen, book)
-            if settled is None or not book:
-                return settled
-            wid, rank, reason, _ = settled
-            first, dp_start, ranks = where[wid]
-            rank_slot = first + rank - dp_start
-            seq = ranks[rank - dp_start][1]
-            if self._row >= 0:
-                fleet.add_booking(self._row, rank_slot, seq, blocks)
-                generation = self._generation
-            else:
-                acc = local.get(rank_slot)
-                if acc is None or acc[0] != seq:
-                    acc = local[rank_slot] = [seq, 0]
-                acc[1] += blocks
-                generation = -1
-            booking = _SharedBooking(wid, rank, rank_slot, seq, blocks, now + self.reservation_ttl,
-                                     next(self._tokens), generation)
-            self._bookings[booking.token] = booking
-            self._inflight[wid] = self._inflight.get(wid, 0) + 1
-            self.counters.inc("reserved")
-            return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
-                                                  self._overloaded)
-
-    def _uncredit(self, b: _SharedBooking) -> None:
-        if b.generation == -1:
-            _take_credit(self._local, b.rank_slot, b.seq, b.blocks)
-        elif b.generation == self._generation and self._row >= 0 and self._fleet is not None:
-            # Only in the row it was written to: after a reconnect the agent
-            # cleared that row, and a release must not free someone else's booking.
-            self._fleet.remove_booking(self._row, b.rank_slot, b.seq, b.blocks)
-
-    def _expire(self, now: float) -> None:
-        self._expire_due(now)

@@ -48,7 +48,8 @@ from ._model import (
     check_worker_id,
     normalize_worker_id,
 )
-from ._picker import OVERFLOW, STRATEGIES, Overflow, Reservation, SharedPicker, Strategy, check_blocks
+from ._picker import OVERFLOW, STRATEGIES, Overflow, Reservation, Strategy, check_blocks
+from ._sharedpick import SharedPicker
 from ._protocol import (
     MAX_REPLY,
     FrameError,

@@ -128,6 +128,10 @@ def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monke
             assert answer["usage"]["prompt_tokens"] == len(mon._kv_routing().tokens(None, prompt, None)[0])
             assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * want
 
+            # The Django middleware in KV mode (its own monitor, started now: its view of earlier
+            # blocks is incomplete, so only the forwarding is checked here).
+            _django_kv(etcd.url, fleet.http_port, model, prompt, len(mon._kv_routing().tokens(None, prompt, None)[0]))
+
             # `workermon watch --kv-index --why ID` shows that worker's cached blocks (it starts late:
             # its view fills with what is stored from now on, and says it is incomplete).
             watch = subprocess.Popen(
@@ -160,3 +164,34 @@ def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monke
         finally:
             fleet.stop()
             assert mon.stop(10)
+
+
+def _django_kv(etcd_url: str, port: int, model: str, prompt: str, n_tokens: int) -> None:
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(DEBUG=False, ALLOWED_HOSTS=["*"], ROOT_URLCONF="tests.django_urls", SECRET_KEY="test",
+                           MIDDLEWARE=["examples.django_middleware.BusyWorkersMiddleware"], INSTALLED_APPS=[])
+        django.setup()
+    from django.test import Client, override_settings
+
+    from examples import django_middleware
+
+    cfg = {"etcd_endpoints": [etcd_url], "nats_servers": None, "event_plane": "zmq", "busy_threshold": 0.99,
+           "kv_index": True}
+    with override_settings(WORKERMON=cfg, WORKERMON_FRONTEND_URL=f"http://127.0.0.1:{port}",
+                           WORKERMON_STRATEGY="kv"):
+        try:
+            r = Client().post("/v1/completions", data=json.dumps({
+                "model": model, "prompt": prompt, "max_tokens": 2, "nvext": {"extra_fields": ["worker_id"]}}),
+                content_type="application/json")
+            assert r.status_code == 200
+            answer = json.loads(b"".join(r.streaming_content))
+            res = r.wsgi_request.workermon_reservation  # type: ignore[attr-defined]
+            assert res.token_ids is not None and len(res.token_ids) == n_tokens
+            assert answer["usage"]["prompt_tokens"] == n_tokens
+            assert answer["nvext"]["worker_id"]["decode_worker_id"] == res.worker_id
+            r.close()
+        finally:
+            django_middleware.reset_monitor()
