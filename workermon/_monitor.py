@@ -10,7 +10,6 @@ queue, the lock and the threads' lifecycle, and the API routers call.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -34,7 +33,8 @@ import attrs
 
 from ._base import EMPTY, BaseMonitor, CallbackHandle, Snapshot, live_monitors, wait_on
 from ._config import MonitorConfig, configure
-from ._health import Health, SourceHealth, SourceStatus
+from ._health import SourceStatus
+from ._healthview import HealthMethods
 from ._kvmonitor import KvMethods
 from ._kvroute import KvRouting
 from ._loop import STOP, ReducerLoop
@@ -75,7 +75,7 @@ FROM_ENV: Any = _FromEnv()
 _UNCHANGED: Any = object()
 _UNSET: Any = object()
 
-class WorkerMonitor(ReducerLoop, KvMethods, BaseMonitor):
+class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
     """Which Dynamo workers are busy, kept current by three threads.
 
     Create it, register callbacks, :meth:`start` it, then read
@@ -478,71 +478,6 @@ class WorkerMonitor(ReducerLoop, KvMethods, BaseMonitor):
             self._state.apply_overloaded(Overloaded(worker_id, self.overload_hold), self._clock())
             self._publish_locked()
         self._wake_reducer()
-
-    def health(self) -> Health:
-        """Each source's state, last event and counters, and the reducer's counters.
-
-        Any thread.  In a forked child it answers without the lock (which a
-        parent thread may have held at fork time) and says ``alive=False``.
-        """
-        with self._lock if self._forked_from is None else contextlib.nullcontext():
-            reducer = dict(self._state.counters)
-            reducer["pending_workers"] = self._state.pending_workers
-            reducer["pending_ranks"] = self._state.pending_ranks
-            reducer["unadmitted_workers"] = self._state.unadmitted
-            members = len(self._state.workers) - self._state.unadmitted
-        reducer["callback_errors"] = self._callback_errors
-        reducer["queued_items"] = self._queue.qsize()
-        # Each source answers for itself, its backlog included (queued_items,
-        # queued_bytes); each drop is counted once, where it happens.
-        if self._nats is not None:
-            reducer["queued_messages"] = self._nats.backlog.items  # the same figures, under their old names
-            reducer["queued_bytes"] = self._nats.backlog.nbytes
-        if self._etcd is not None:
-            reducer["queued_card_events"] = self._etcd.backlog.items
-        picker = dict(self._picker.counters)
-        picker["in_flight"], picker["booked_blocks"] = self._picker.totals()
-        alive = self._started and not self._stopped and all(t.is_alive() for t in self._threads)
-        if self._forked_from is not None:
-            alive = False
-        required = ["etcd"]
-        if self._nats_cfg is not None and self.nats_required:
-            required.append("nats")
-        if self._zmq_cfg is not None:
-            required.append("zmq")
-        return Health(
-            etcd=self._source_health(self._etcd, self._etcd_status, None),
-            nats=self._source_health(self._nats, self._nats_status, None if self._nats_cfg is not None else (
-                "NATS disabled (event_plane='zmq')" if self.event_plane == "zmq"
-                else "NATS disabled (nats_servers=None)")),
-            reducer=reducer,
-            members=members,
-            busy=len(self._snapshot.busy),
-            ready=self.ready,
-            alive=alive or (self.static and self._started and not self._stopped),
-            zmq=self._zmq_health(),
-            required=tuple(required) if not self.static else ("etcd", "nats"),
-            picker=picker,
-            kv=self._kv_health(),
-        )
-
-    def _zmq_health(self) -> SourceHealth:
-        h = self._source_health(self._zmq, self._zmq_status, None if self._zmq_cfg is not None else
-                                "ZMQ disabled (event_plane='nats')")
-        unknown = self._etcd.unknown_layout if self._etcd is not None else None
-        if unknown is not None and self._zmq_cfg is not None:
-            # Say it in words rather than stay silently blind to a newer release's channels.
-            note = (f"kv_metrics channels found under an unknown layout (e.g. {unknown!r}): this workermon does not "
-                    "know that Dynamo release's event-channel layout, so their load reports are not read")
-            h = attrs.evolve(h, last_error=note if h.last_error is None else f"{h.last_error}; {note}")
-        return h
-
-    def _source_health(self, source: Optional[Source], status: SourceStatus, disabled: Optional[str]) -> SourceHealth:
-        if source is not None:
-            return source.health()
-        if disabled is not None and not self.static:
-            return SourceHealth(status.name, "idle", None, {}, disabled)
-        return status.view()  # not started yet, or static
 
     # --- writes ---------------------------------------------------------------
 
