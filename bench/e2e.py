@@ -57,6 +57,16 @@ CONFIGS: Dict[str, Tuple[str, str]] = {
     "workermon-p2c": ("router", "p2c"),
     "workermon-least_loaded": ("router", "least_loaded"),
     "naive-random": ("naive", "random"),
+    "workermon-kv": ("router", "kv"),
+}
+# What each workload runs by default.
+WORKLOADS: Dict[str, Tuple[str, ...]] = {
+    # Issue 20's comparison: independent 818-token prompts (aiperf's pool of synthetic prompts).
+    "uniform": ("dynamo-round-robin", "dynamo-kv", "dynamo-least-loaded", "dynamo-power-of-two", "workermon-p2c",
+                "workermon-least_loaded", "naive-random"),
+    # Shared prefixes: a 200-token system prompt for all, one of 60 per-user 600-token contexts, 40 new
+    # tokens: a request is cheap where its user's context is cached.
+    "shared-prefix": ("dynamo-kv", "workermon-kv", "workermon-p2c", "dynamo-round-robin"),
 }
 
 
@@ -255,9 +265,14 @@ class Bench:
     def aiperf_run(self, url: str, out: Path, seed: int) -> None:
         a = self.args
         extra = json.dumps({"nvext": {"annotations": [f"output_replay_id:{REPLAY_KEY}"]}, "ignore_eos": True})
+        if a.workload == "shared-prefix":
+            prompt = ["--shared-system-prompt-length", "200", "--user-context-prompt-length", "600",
+                      "--num-dataset-entries", "60", "--isl", "40", "--isl-stddev", "0"]
+        else:
+            prompt = ["--isl", str(a.isl), "--isl-stddev", "0"]
         cmd = [self.aiperf, "profile", "-m", str(self.model), "--url", url, "--endpoint-type", "chat", "--streaming",
                "--request-rate", str(a.rate), "--arrival-pattern", "poisson", "--benchmark-duration",
-               str(a.duration), "--benchmark-grace-period", "60", "--isl", str(a.isl), "--isl-stddev", "0",
+               str(a.duration), "--benchmark-grace-period", "60", *prompt,
                "--osl", str(a.osl), "--osl-stddev", "0", "--tokenizer", str(self.model), "--extra-inputs", extra,
                "--artifact-dir", str(out), "--random-seed", str(seed), "--request-timeout-seconds", "120",
                "--ui", "none", "--no-auto-plot"]
@@ -295,6 +310,7 @@ def summarise(out: Path, duration: float) -> Dict[str, Any]:
     recs = _records(out)
     ok_ttft: List[float] = []
     shed = failed = 0
+    prompt_tokens = cached_tokens = 0.0
     for r in recs:
         err = r.get("error")
         if err:
@@ -307,10 +323,14 @@ def summarise(out: Path, duration: float) -> Dict[str, Any]:
         ttft = _metric(r, "time_to_first_token")
         if ttft is not None:
             ok_ttft.append(ttft)
+        tokens = r.get("metrics", {})
+        prompt_tokens += float((tokens.get("usage_prompt_tokens") or {}).get("value", 0))
+        cached_tokens += float((tokens.get("usage_prompt_cache_read_tokens") or {}).get("value", 0))
     total = len(recs)
     return {"requests": total, "ok": len(ok_ttft), "shed": shed, "failed": failed,
             "shed_share": shed / total if total else float("nan"), "ok_per_s": len(ok_ttft) / duration,
-            "ttft_p50_s": _pct(ok_ttft, 0.5), "ttft_p99_s": _pct(ok_ttft, 0.99)}
+            "ttft_p50_s": _pct(ok_ttft, 0.5), "ttft_p99_s": _pct(ok_ttft, 0.99),
+            "cached_share": cached_tokens / prompt_tokens if prompt_tokens else float("nan")}
 
 
 def _metric(rec: Dict[str, Any], name: str) -> Optional[float]:
@@ -348,26 +368,40 @@ def router_overhead(out: Path, frontend_log: Path, started: float) -> Optional[f
 
 
 def report(results: List[Dict[str, Any]]) -> str:
+    """One table per workload: medians over rounds, and ratios to round-robin's medians."""
+    tables = []
+    for workload in WORKLOADS:
+        rows = [r for r in results if r.get("workload", "uniform") == workload]
+        if rows:
+            tables.append(f"**{workload}** workload\n\n{_table(rows)}")
+    return "\n\n".join(tables)
+
+
+def _med(rs: List[Dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rs if r.get(key) is not None and r[key] == r[key]]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def _table(results: List[Dict[str, Any]]) -> str:
     by: Dict[str, List[Dict[str, Any]]] = {}
     for r in results:
         by.setdefault(r["config"], []).append(r)
     base = by.get("dynamo-round-robin")
-
-    def med(rs: List[Dict[str, Any]], key: str) -> float:
-        vals = [r[key] for r in rs if r.get(key) is not None and r[key] == r[key]]
-        return statistics.median(vals) if vals else float("nan")
-
-    lines = ["| configuration | runs | shed share | OK req/s | TTFT p50 | TTFT p99 | p99 vs round-robin | "
-             "OK/s vs round-robin | router overhead p50 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | runs | shed share | OK req/s | TTFT p50 | TTFT p99 | cached prompt tokens | "
+             "vs round-robin: p99 / OK/s / shed | router overhead p50 |", "|---|---|---|---|---|---|---|---|---|"]
     for name in CONFIGS:
         rs = by.get(name)
         if not rs:
             continue
-        p99, ok = med(rs, "ttft_p99_s"), med(rs, "ok_per_s")
-        rel = (f"{p99 / med(base, 'ttft_p99_s'):.2f}×", f"{ok / med(base, 'ok_per_s'):.2f}×") if base else ("", "")
-        over = med(rs, "router_ttft_overhead_ms_p50")
-        lines.append(f"| {name} | {len(rs)} | {100 * med(rs, 'shed_share'):.1f} % | {ok:.2f} | "
-                     f"{med(rs, 'ttft_p50_s'):.3f} s | {p99:.2f} s | {rel[0]} | {rel[1]} | "
+        p99, ok, shed = _med(rs, "ttft_p99_s"), _med(rs, "ok_per_s"), _med(rs, "shed_share")
+        rel = ""
+        if base:
+            rel = (f"{p99 / _med(base, 'ttft_p99_s'):.2f}× / {ok / _med(base, 'ok_per_s'):.2f}× / "
+                   f"{100 * (shed - _med(base, 'shed_share')):+.1f} pt")
+        over = _med(rs, "router_ttft_overhead_ms_p50")
+        cached = _med(rs, "cached_share")
+        lines.append(f"| {name} | {len(rs)} | {100 * shed:.1f} % | {ok:.2f} | {_med(rs, 'ttft_p50_s'):.3f} s | "
+                     f"{p99:.2f} s | {'' if cached != cached else f'{100 * cached:.0f} %'} | {rel} | "
                      f"{'' if over != over else f'{over:.1f} ms'} |")
     return "\n".join(lines)
 
@@ -378,7 +412,7 @@ def svg(results: List[Dict[str, Any]], path: Path) -> None:
 
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     pts = [(r["shed_share"] * 100, r["ttft_p99_s"], r["config"]) for r in results
-           if r["ttft_p99_s"] == r["ttft_p99_s"] and r["ttft_p99_s"] > 0]
+           if r.get("workload", "uniform") == "uniform" and r["ttft_p99_s"] == r["ttft_p99_s"] and r["ttft_p99_s"] > 0]
     if not pts:
         return
     w, h, m = 720, 420, 60
@@ -434,7 +468,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rate", type=float, default=7.0, help="requests per second (Poisson)")
     ap.add_argument("--isl", type=int, default=818)
     ap.add_argument("--osl", type=int, default=150)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="uniform")
+    ap.add_argument("--configs", default=None, help="comma-separated (default: the workload's)")
     ap.add_argument("--write", default=None, metavar="FILE", help="append the table to FILE (BENCHMARKS.md)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "e2e-results.jsonl"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "e2e.svg"))
@@ -450,7 +485,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.write:
             write_section(Path(args.write), table, args, Path(args.plot))
         return 0
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    names = [n.strip() for n in (args.configs or ",".join(WORKLOADS[args.workload])).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         ap.error(f"unknown configurations {unknown}; choose from {', '.join(CONFIGS)}")
@@ -476,11 +511,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name in order:
                 r = bench.run(name, seed=1000 + rnd)
                 r["round"] = rnd
+                r["workload"] = args.workload
                 results.append(r)
                 with open(args.results, "a") as f:
                     f.write(json.dumps(r) + "\n")
                 print(f"round {rnd} {name:24s} shed {100 * r['shed_share']:5.1f} %  ok/s {r['ok_per_s']:5.2f}  "
                       f"TTFT p50 {r['ttft_p50_s']:.3f} s  p99 {r['ttft_p99_s']:.2f} s  "
+                      f"cached {100 * r['cached_share']:.0f} %  "
                       f"overhead {r.get('router_ttft_overhead_ms_p50')}", flush=True)
     finally:
         bench.close()

@@ -383,7 +383,9 @@ def create_app(
     def health() -> Response:
         mon = holder.get()
         h = mon.health()
-        planes = {name: getattr(h, name).state for name in ("etcd", "nats", "zmq")}
+        # A plane not required (e.g. NATS tried as a best effort beside a ZMQ fleet) says so.
+        planes = {name: getattr(h, name).state + ("" if name in h.required else " (not required)")
+                  for name in ("etcd", "nats", "zmq")}
         return jsonify(ok=h.ok, members=h.members, busy=h.busy, required=list(h.required), **planes,
                        strategy=getattr(mon, "strategy", None), forwarded=app.config["forwarded"])
 

@@ -72,6 +72,7 @@ def test_block_hashes_rules() -> None:
     plain = block_hashes(toks, 16)
     assert block_hashes(toks, 16, lora_name="a") != plain != block_hashes(toks, 16, cache_salt="a")
     assert block_hashes(toks, 16, lora_name="a") != block_hashes(toks, 16, cache_salt="a")
+    assert block_hashes(toks, 16, lora_name="", cache_salt="") == plain  # empty = none, as the wheel does
     assert all(0 <= h < 1 << 64 for h in block_hashes([2**32 - 1] * 32, 16))
     with pytest.raises(ValueError):
         block_hashes([-1] * 16, 16)

@@ -3,7 +3,7 @@
 A prompt's *local* block hash is ``xxh3_64`` of its ``block_size`` token ids
 packed as little-endian u32, seeded with 1337 (plus ``xxh3_64(lora_name,
 seed 0)`` with a LoRA adapter, plus ``xxh3_64(cache_salt, seed 1)`` with a
-cache namespace, mod 2^64).  Only full blocks count.  The *sequence* hash
+cache namespace, mod 2^64; an empty name counts as none).  Only full blocks count.  The *sequence* hash
 chains them: ``seq[0] = local[0]``, ``seq[i] = xxh3_64(LE u64 seq[i-1] ‖ LE u64
 local[i], seed 1337)`` — the position of a block in the prefix tree, the key
 workermon's KV index is walked by.  Hashes are unsigned 64-bit Python ints.
@@ -32,9 +32,10 @@ def _xxh3() -> object:
 def _seed(lora_name: Optional[str], cache_salt: Optional[str]) -> int:
     h = _xxh3()
     seed = SEED
-    if lora_name is not None:
+    # An empty name counts as none (as 1.6.1's own function does).
+    if lora_name:
         seed = (seed + h(lora_name.encode("utf-8"), seed=0)) & _MASK  # type: ignore[operator]
-    if cache_salt is not None:
+    if cache_salt:
         seed = (seed + h(cache_salt.encode("utf-8"), seed=1)) & _MASK  # type: ignore[operator]
     return seed
 

@@ -195,3 +195,28 @@ def _django_kv(etcd_url: str, port: int, model: str, prompt: str, n_tokens: int)
             r.close()
         finally:
             django_middleware.reset_monitor()
+
+
+def test_block_hashes_equal_the_wheels_own_function(release: str) -> None:
+    """workermon.block_hashes against 1.6.1's dynamo._core.compute_block_hash_for_seq (lora, salt, sizes)."""
+    if version_tuple(release) < (1, 6):
+        pytest.skip("measured on 1.6.1")
+    import random
+
+    rng = random.Random(7)
+    cases = []
+    for i in range(200):
+        size = rng.choice([1, 4, 16, 32, 64])
+        tokens = [rng.randrange(0, 2**32 if i % 5 == 0 else 200_000) for _ in range(rng.randrange(0, 300))]
+        cases.append({"tokens": tokens, "size": size, "lora": rng.choice([None, "adapter-a", "ü"]),
+                      "salt": rng.choice([None, "tenant-1", ""])})
+    script = ("import json, sys\nfrom dynamo._core import compute_block_hash_for_seq as f\n"
+              "cases = json.load(sys.stdin)\n"
+              "print(json.dumps([f(c['tokens'], c['size'], lora_name=c['lora'], cache_namespace=c['salt']) "
+              "for c in cases]))\n")
+    out = subprocess.run([_python_for(release), "-c", script], input=json.dumps(cases), capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    theirs = json.loads(out)
+    for case, expected in zip(cases, theirs):
+        ours = block_hashes(case["tokens"], case["size"], lora_name=case["lora"], cache_salt=case["salt"])
+        assert ours == expected, case
