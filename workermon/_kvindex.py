@@ -215,6 +215,7 @@ class KvIndex:
                 nodes[seq] = held | bit
                 self._entries += 1
                 slot.blocks += 1
+                self.counters.inc("stored_blocks")
             bh = b.block_hash & _U64
             if bh != seq:
                 if aliases is None:
@@ -240,6 +241,7 @@ class KvIndex:
                 del nodes[seq]
             self._entries -= 1
             slot.blocks -= 1
+            self.counters.inc("removed_blocks")
 
     def _forget_slot_blocks(self, slot: _Slot) -> None:
         if slot.blocks:

@@ -58,7 +58,7 @@ def _routing(log: Path) -> List[Tuple[List[int], int, int]]:
               for m in re.finditer(r'\[ROUTING_INPUT\].*?request_id="([^"]+)".*?local_hashes=\[([^\]]*)\]', text)}
     out = []
     for m in re.finditer(r'\[ROUTING\] Best: worker_(\d+) dp_rank=(\d+) with (\d+)/(\d+) blocks overlap '
-                         r'request_id="([^"]+)"', text):
+                         r'request_id="?([0-9a-f-]+)', text):
         out.append((inputs.get(m.group(5), []), int(m.group(1)), int(m.group(3))))
     return out
 
@@ -98,17 +98,20 @@ def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monke
             routed = _routing(fleet.workdir / "frontend.log")
             assert len(routed) == len(prompts), fleet.logs()
             kv = mon.health().kv
-            assert kv is not None and kv.counters.get("index_events", 0) >= len(prompts)
+            assert kv is not None and kv.counters.get("index_removed_blocks", 0) > 0, kv  # evictions happened
             for (hashes, overlaps), (logged_hashes, chosen, logged_overlap) in zip(predicted, routed):
                 assert hashes == logged_hashes
                 assert overlaps.get((chosen, 0)) == logged_overlap, (overlaps, chosen, logged_overlap)
                 assert max(overlaps.values()) == logged_overlap
             assert any(r[2] > 0 for r in routed), "some request should hit a cached prefix"
-            # A reservation by the KV router's cost takes the worker with the best overlap here (idle fleet).
+            # A reservation by the KV router's cost takes the worker with the best overlap once the
+            # fleet is idle (every worker's last report drained to 0 active blocks).
+            assert mon.wait_for(lambda: all(not any(s.kv_active_blocks.values())
+                                            for s in mon.load_states().values()), 20), mon.load_states()
             res = mon.reserve(strategy="kv", prompt=prompts[-1])
             assert res is not None and res.token_ids is not None and len(res.token_ids) >= 16
             best = max(mon.prefix_overlap(prompt=prompts[-1]).values())
-            assert res.overlap_blocks == best
+            assert res.overlap_blocks == best, (mon._kv_routing().last_pick.costs, mon.load_states())  # type: ignore
             res.release()
             why = str(mon.why(res.worker_id))
             assert "cached block" in why and "last kv pick" in why, why
