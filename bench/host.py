@@ -206,7 +206,7 @@ for v, t in times:
 _COST_CLIENT = """
 import sys, time
 from workermon import SharedMonitor
-mon = SharedMonitor(sys.argv[1]).start()
+mon = SharedMonitor(sys.argv[1], overflow="refuse").start()  # None once the booking fills the worker
 assert mon.wait_ready(60) and mon.wait_for(lambda: len(mon.members()) == int(sys.argv[2]), 60)
 reserve = mon.reserve
 for _ in range(2000):  # warm up
@@ -253,7 +253,7 @@ def client_cost(workers: int, calls: int = 20_000) -> Tuple[float, float]:
 _WATCH_CLIENT = """
 import sys, time
 from workermon import SharedMonitor
-mon = SharedMonitor(sys.argv[1]).start()
+mon = SharedMonitor(sys.argv[1], overflow="refuse").start()  # None once the booking fills the worker
 assert mon.wait_ready(60) and mon.wait_for(lambda: len(mon.members()) == 1, 60)
 print("ready", flush=True)
 flips = []

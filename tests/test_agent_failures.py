@@ -222,7 +222,7 @@ def test_picking_while_the_agent_is_gone_keeps_the_rules(etcd_server: EtcdServer
     b = zworkers(display_name="model-b", total_kv_blocks=100)
     path = os.path.join(sock_dir, "agent.sock")
     agent = AgentProcess(etcd_server.url, namespace, path)
-    client = SharedMonitor(path).start()
+    client = SharedMonitor(path, overflow="refuse").start()  # the prediction's room, strictly
     try:
         assert client.wait_ready(20) and client.wait_for(lambda: client.members() == {a.worker_id, b.worker_id}, 10)
         agent.kill()
@@ -240,6 +240,10 @@ def test_picking_while_the_agent_is_gone_keeps_the_rules(etcd_server: EtcdServer
         assert client.reserve(model="model-b", blocks=91) is None  # 91 > 0.9 × 100: the rule holds
         held = [client.reserve(model="model-b", blocks=30) for _ in range(4)]
         assert [r is not None for r in held] == [True, True, True, False]  # bookings still count
+        client._picker.overflow = "steer"  # the default: the rule still holds, the prediction steers
+        steered = client.reserve(model="model-b", blocks=91)
+        assert steered is not None and steered.worker_id == b.worker_id and "steer" in steered.reason
+        steered.release()
         for r in held:
             if r is not None:
                 r.release()

@@ -274,7 +274,7 @@ def test_reserve_end_to_end(make_monitor: Make, etcd: Any, namespace: str, publi
     ids = [0x6000 + i for i in range(3)]
     for wid in ids:
         etcd.put(card_key(namespace, wid), card_json(100))
-    mon = make_monitor()
+    mon = make_monitor(overflow="refuse")  # None when the prediction leaves no room
     mon.start()
     assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == set(ids), 10)
     subject = f"namespace.{namespace}.kv_metrics"
