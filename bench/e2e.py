@@ -471,20 +471,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="uniform")
     ap.add_argument("--configs", default=None, help="comma-separated (default: the workload's)")
     ap.add_argument("--write", default=None, metavar="FILE", help="append the table to FILE (BENCHMARKS.md)")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "e2e-results.jsonl"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "e2e-results.jsonl"),
+                    help="every run is appended here; the table covers all of them (remove it to start afresh)")
     ap.add_argument("--plot", default=str(ROOT / "bench" / "e2e.svg"))
     ap.add_argument("--keep", action="store_true", help="keep the working directory (logs, aiperf artifacts)")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: tabulate (and --write) the runs already in --results")
     args = ap.parse_args(argv)
     if args.report_only:
-        done = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-        table = report(done)
-        print(table)
-        svg(done, Path(args.plot))
-        if args.write:
-            write_section(Path(args.write), table, args, Path(args.plot))
-        return 0
+        return _finish(args)
     names = [n.strip() for n in (args.configs or ",".join(WORKLOADS[args.workload])).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -525,9 +520,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"kept {workdir}")
-    table = report(results)
+    return _finish(args)
+
+
+def _finish(args: argparse.Namespace) -> int:
+    """Tabulate every run in ``--results`` (each workload's own table), draw the picture, write the section."""
+    done = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    table = report(done)
     print(table)
-    svg(results, Path(args.plot))
+    svg(done, Path(args.plot))
     if args.write:
         write_section(Path(args.write), table, args, Path(args.plot))
     return 0

@@ -156,21 +156,9 @@ def _reserve_kv(monitor: WorkerMonitor, raw: bytes, excluded: Tuple[int, ...]) -
         doc = json.loads(raw or b"")
     except ValueError:
         doc = None
-    prompt = None
-    if isinstance(doc, dict):
-        prompt = doc.get("messages") if isinstance(doc.get("messages"), list) else doc.get("prompt")
-    if not isinstance(prompt, (str, list)) or not prompt:
-        return monitor.reserve(exclude=excluded), raw  # nothing to hash: by load
-    assert isinstance(doc, dict)
-    model = doc.get("model") if isinstance(doc.get("model"), str) else None
-    try:
-        res = monitor.reserve(strategy="kv", prompt=prompt, model=model, exclude=excluded)
-    except LookupError:
-        res = monitor.reserve(strategy="kv", prompt=prompt, exclude=excluded)  # served under another name
-    if res is None or res.token_ids is None:
-        return res, raw
-    nvext = doc.get("nvext") if isinstance(doc.get("nvext"), dict) else {}
-    doc["nvext"] = {**nvext, "token_data": res.token_ids}
+    if not isinstance(doc, dict):
+        return monitor.reserve(exclude=excluded), raw  # not JSON: by load; the frontend answers it
+    res, doc = monitor.reserve_kv_request(doc, exclude=excluded)
     return res, json.dumps(doc).encode()
 
 

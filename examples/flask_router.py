@@ -281,21 +281,10 @@ def create_app(
             doc = json.loads(body or b"")
         except ValueError:
             doc = None
-        prompt = None
-        if isinstance(doc, dict):
-            prompt = doc.get("messages") if isinstance(doc.get("messages"), list) else doc.get("prompt")
-        if not isinstance(prompt, (str, list)) or not prompt:
-            return mon.reserve(exclude=excluded, strategy="p2c"), body  # nothing to hash: by load
-        model = doc.get("model") if isinstance(doc.get("model"), str) else None
-        try:
-            res = mon.reserve(strategy="kv", prompt=prompt, model=model, exclude=excluded)
-        except LookupError:
-            res = mon.reserve(strategy="kv", prompt=prompt, exclude=excluded)  # served under another name
-        if res is not None and res.token_ids is not None:
-            nvext = doc.get("nvext") if isinstance(doc.get("nvext"), dict) else {}
-            doc["nvext"] = {**nvext, "token_data": res.token_ids}
-            body = json.dumps(doc).encode()
-        return res, body
+        if not isinstance(doc, dict):
+            return mon.reserve(exclude=excluded), body  # not JSON: by load; the frontend answers it
+        res, doc = mon.reserve_kv_request(doc, exclude=excluded)
+        return res, json.dumps(doc).encode()
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)

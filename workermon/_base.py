@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Protocol, Tuple
 
 from ._model import BusyChange
 
@@ -97,6 +97,11 @@ class CallbackHandle:
         return f"<CallbackHandle {getattr(self.callback, '__qualname__', self.callback)!r} {state}>"
 
 
+class _PickerDefaults(Protocol):
+    strategy: str
+    overflow: str
+
+
 class BaseMonitor:
     """The lock-free, O(1) reads of an immutable :class:`Snapshot`, the waits, the fork guard and the
     context manager, shared by :class:`~workermon.WorkerMonitor` and :class:`~workermon.SharedMonitor`.
@@ -114,10 +119,21 @@ class BaseMonitor:
     _stopping: threading.Event
     _callbacks: Tuple["CallbackHandle", ...]
     _callbacks_lock: Any
+    _picker: "_PickerDefaults"  # a Picker or a SharedPicker
 
     @property
     def ready(self) -> bool:
         raise NotImplementedError
+
+    @property
+    def strategy(self) -> str:
+        """The strategy ``reserve()``/``select()`` use when not given one."""
+        return self._picker.strategy
+
+    @property
+    def overflow(self) -> str:
+        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``."""
+        return self._picker.overflow
 
     def start(self) -> Any:
         raise NotImplementedError

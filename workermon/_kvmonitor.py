@@ -49,6 +49,31 @@ class KvMethods:
         local = kv.local_hashes(ids, card, lora_name, cache_salt)
         return kv.prefix_overlap(local, model if model is not None else card.display_name)
 
+    def reserve_kv_request(self, body: Dict[str, Any], *, exclude: Collection[int] = ()
+                           ) -> Tuple[Optional[Reservation], Dict[str, Any]]:
+        """``reserve(strategy="kv")`` for an OpenAI request body; returns the reservation and the body to forward.
+
+        The prompt is the body's ``messages`` (chat, rendered with the model's
+        template) or ``prompt`` (completions); ``model`` names the model when
+        a member serves it under that name.  The body returned carries
+        ``"nvext": {"token_data": ids}`` (the ids that were hashed), so the
+        worker runs exactly them; without a prompt it is picked by load
+        (the monitor's strategy) and returned unchanged.
+        """
+        prompt = body.get("messages") if isinstance(body.get("messages"), list) else body.get("prompt")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            return self.reserve(exclude=exclude), body  # type: ignore[attr-defined]
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        try:
+            res = self.reserve(strategy="kv", prompt=prompt, model=model, exclude=exclude)  # type: ignore
+        except LookupError:
+            res = self.reserve(strategy="kv", prompt=prompt, exclude=exclude)  # type: ignore  # another name
+        if res is None or res.token_ids is None:
+            return res, body
+        nvext = body.get("nvext")
+        extra: Dict[str, Any] = dict(nvext) if isinstance(nvext, dict) else {}
+        return res, {**body, "nvext": {**extra, "token_data": res.token_ids}}
+
     def _reserve_kv(self, tokens: Optional[Sequence[int]], prompt: Optional[Prompt], model: Optional[str],
                     worker_type: Optional[str], exclude: Collection[int], lora_name: Optional[str],
                     cache_salt: Optional[str], tokenizer: Any) -> Optional[Reservation]:

@@ -87,6 +87,8 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
     With ``nats_servers=None`` only membership is tracked (nothing is busy).
     """
 
+    _picker: Picker
+
     def __init__(
         self,
         etcd_endpoints: Union[Sequence[str], str, None] = FROM_ENV,
@@ -416,16 +418,6 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
         chosen = self._picker.pick(book=True, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
                                    worker_type=worker_type)
         return None if chosen is None else chosen[3]
-
-    @property
-    def strategy(self) -> str:
-        """The strategy ``reserve()``/``select()`` use when not given one."""
-        return self._picker.strategy
-
-    @property
-    def overflow(self) -> str:
-        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``."""
-        return self._picker.overflow
 
     def in_flight(self, worker_id: int) -> int:
         """Reservations held on ``worker_id`` now (expired ones dropped first).  Any thread."""

@@ -89,6 +89,8 @@ class SharedMonitor(BaseMonitor):
     back-off between connection attempts (default 50 ms → 1 s).
     """
 
+    _picker: SharedPicker
+
     def __init__(self, socket: Optional[str] = None, *, request_timeout: float = 1.0,
                  reconnect: Optional[Reconnect] = None, strategy: Optional[Strategy] = None,
                  reservation_ttl: float = 300.0, overload_hold: float = 1.0, hung_after: float = 2.0,
@@ -195,16 +197,6 @@ class SharedMonitor(BaseMonitor):
         return self._connected and self._agent_ready and not self._hung and not self._stopping.is_set()
 
     # --- picking: in this process, from the shared memory ------------------------------
-
-    @property
-    def strategy(self) -> str:
-        """The strategy ``reserve()``/``select()`` use when not given one."""
-        return self._picker.strategy
-
-    @property
-    def overflow(self) -> str:
-        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``."""
-        return self._picker.overflow
 
     def reserve(self, *, strategy: Optional[str] = None, exclude: Collection[int] = (), blocks: Optional[int] = None,
                 model: Optional[str] = None, worker_type: Optional[str] = None) -> Optional[Reservation]:
