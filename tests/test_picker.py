@@ -234,7 +234,7 @@ def test_64_threads_never_overbook(make_monitor: Make, etcd: Any, namespace: str
     ids = [0x5000 + i for i in range(4)]
     for wid in ids:
         etcd.put(card_key(namespace, wid), card_json(100))
-    mon = make_monitor(busy_threshold=1.0)
+    mon = make_monitor(busy_threshold=1.0, overflow="refuse")  # the prediction, strictly
     mon.start()
     assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == set(ids), 10)
     held: Dict[int, int] = {wid: 0 for wid in ids}

@@ -5,8 +5,9 @@ For a prompt of ``isl`` tokens in blocks of ``B`` (the card's
 
     prefill_load_scale × max(0, isl/B − credit × device_overlap
                                  − host_weight × host_overlap − disk_weight × disk_overlap)
-    + decode blocks: the rank's reported kv_used_blocks + blocks booked on it
-      since that report + this request's isl/B
+    + decode blocks: the more of (the rank's reported kv_used_blocks + blocks
+      booked on it since that report) and (blocks of this router's unreleased
+      bookings on it), + this request's isl/B
 
 and the cheapest wins (ties broken at random).  A busy, held or unadmitted
 worker is never a candidate.  ``KvRouting`` holds the index, the options and
@@ -147,7 +148,12 @@ class KvRouting:
                     dev = device.get(key, 0)
                     uncached = isl_blocks - opt.overlap_credit * dev - opt.host_cache_weight * host.get(key, 0) \
                         - opt.disk_cache_weight * disk.get(key, 0)
-                    cost = opt.prefill_load_scale * max(0.0, uncached) + load + booked + request_blocks
+                    # Decode load: what the rank last reported plus what was booked since, or what
+                    # this router has routed there and not seen finish, whichever is more (a report
+                    # leaves out requests still queued in the engine; other routers' load is only
+                    # in the report).
+                    decode = max(load + booked, picker.live_blocks(wid, rank))
+                    cost = opt.prefill_load_scale * max(0.0, uncached) + decode + request_blocks
                     costs[key] = (dev, cost)
                     if best is None or cost < best[0]:
                         best, ties = (cost, wid, rank, dev), 1

@@ -195,6 +195,8 @@ class Picker(Ledger):
         self._lock = threading.Lock()
         # (worker, rank) -> [report seq the blocks were booked against, blocks]
         self._credit: Dict[Tuple[int, int], List[int]] = {}
+        # (worker, rank) -> blocks of the bookings not yet released (whatever the reports say).
+        self._live: Dict[Tuple[int, int], int] = {}
         self._inflight: Dict[int, int] = {}
         # Live bookings by token, in creation order = deadline order: a
         # release takes its booking out at once, so the dict holds live ones only.
@@ -280,6 +282,7 @@ class Picker(Ledger):
             if acc is None or acc[0] != seq:
                 acc = self._credit[(wid, rank)] = [seq, 0]
             acc[1] += blocks
+            self._live[(wid, rank)] = self._live.get((wid, rank), 0) + blocks
             self._inflight[wid] = self._inflight.get(wid, 0) + 1
             booking = _Booking(wid, rank, blocks, seq, now + self.reservation_ttl, next(self._tokens))
             self._bookings[booking.token] = booking
@@ -328,6 +331,11 @@ class Picker(Ledger):
         end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
         return _declared_ranks(wid, w.ranks, card, self._state.thresholds, self._credit, start, end, self.external)
 
+    def live_blocks(self, wid: int, rank: int) -> int:
+        """Blocks of this picker's unreleased bookings on a rank: the requests it routed there and has
+        not seen finish (the KV router's own measure of a rank's decode load)."""
+        return self._live.get((wid, rank), 0)
+
     def in_flight_now(self, wid: int) -> int:
         """Live bookings on ``wid`` without expiring any (for a chooser under the lock)."""
         return self._inflight.get(wid, 0)
@@ -336,6 +344,12 @@ class Picker(Ledger):
 
     def _uncredit(self, b: _Booking) -> None:
         take_credit(self._credit, (b.wid, b.rank), b.seq, b.blocks)
+        key = (b.wid, b.rank)
+        left = self._live.get(key, 0) - b.blocks
+        if left > 0:
+            self._live[key] = left
+        else:
+            self._live.pop(key, None)
 
     def _expire(self, now: float) -> None:
         self._expire_due(now)
