@@ -106,6 +106,17 @@ def post_fork(server: Any, worker: Any) -> None:
         wsgi_app.start_monitor()
 
 
+def post_worker_init(worker: Any) -> None:
+    # Connect (or start) this process's monitor now, after the fork, so that no
+    # request waits for it (a per-process KV index starts listing at once too).
+    holder = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("workermon")
+    if holder is not None:
+        try:
+            holder.get()
+        except Exception:  # noqa: BLE001 - the first request retries and reports it
+            worker.log.exception("workermon: could not connect this process's monitor yet")
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     if _demo_app(server):
         from examples import wsgi_app

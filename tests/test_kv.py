@@ -254,3 +254,25 @@ def test_kv_cost_prefers_the_cached_prefix_until_load_outweighs_it() -> None:
     assert fourth is not None and fourth[0] == 1
     lines = kv.describe(1, [0])
     assert "8 cached block(s)" in lines[0] and "last kv pick" in lines[0]
+
+
+def test_kv_prefix_affinity_never_overfills_a_small_worker_while_a_roomy_one_can_serve() -> None:
+    s, picker, kv = _kv_fleet(100, 1000)  # worker 1 small, worker 2 large
+    prompt = list(range(160))  # 40 blocks of 4
+    kv.index.apply(item(1, 1, stored(block_hashes(prompt, 4))))  # the small worker holds all 40
+    first = _pick(kv, picker, prompt)
+    assert first is not None and first[0] == 1  # 0 + 40 ≤ 90: room, and the cheapest
+    chosen = []
+    for _ in range(6):
+        r = _pick(kv, picker, prompt)
+        assert r is not None
+        chosen.append(r[0])
+        assert picker.live_blocks(1, 0) <= 90, kv.last_pick.costs  # never past the small worker's room
+    assert chosen.count(2) >= 5
+    kv.index.apply(item(2, 1, stored([999])))
+    picker.overflow = "refuse"
+    while True:  # fill the large worker too: with overflow="refuse" the KV mode then refuses
+        r = _pick(kv, picker, prompt)
+        if r is None:
+            break
+    assert picker.counters["rejected"] == 1

@@ -9,8 +9,11 @@ For a prompt of ``isl`` tokens in blocks of ``B`` (the card's
       booked on it since that report) and (blocks of this router's unreleased
       bookings on it), + this request's isl/B
 
-and the cheapest wins (ties broken at random).  A busy, held or unadmitted
-worker is never a candidate.  ``KvRouting`` holds the index, the options and
+and the cheapest wins (ties broken at random) among the ranks with room for
+the request by prediction (decode load + the request within ``busy_threshold
+× total``), else — ``overflow="steer"`` — among every rank the busy rule
+calls free: prefix affinity never overfills a small worker while a roomier
+one can serve.  A busy, held or unadmitted worker is never a candidate.  ``KvRouting`` holds the index, the options and
 the tokenizers, and hands the picker a chooser; the picker books the choice
 like any other (``blocks`` = the prompt's blocks).
 """
@@ -129,8 +132,13 @@ class KvRouting:
         state = self._state
         excluded = frozenset(i + (1 << 64) if i < 0 else i for i in exclude)
 
+        threshold = state.thresholds.busy_threshold
+        steer = picker.overflow == "steer"
+
         def choose(free: Tuple[int, ...]) -> Any:
-            best: Optional[Tuple[float, int, int, int]] = None
+            # Two tiers: ranks with room for the request by prediction first (as the other
+            # strategies), then — overflow="steer" — any rank the busy rule calls free.
+            best: Optional[Tuple[int, float, int, int, int]] = None
             ties = 0
             costs: Dict[Key, Tuple[int, float]] = {}
             for wid in free:
@@ -155,21 +163,26 @@ class KvRouting:
                     decode = max(load + booked, picker.live_blocks(wid, rank))
                     cost = opt.prefill_load_scale * max(0.0, uncached) + decode + request_blocks
                     costs[key] = (dev, cost)
-                    if best is None or cost < best[0]:
-                        best, ties = (cost, wid, rank, dev), 1
-                    elif cost == best[0]:
+                    total = card.total_kv_blocks
+                    tier = 0 if not total or threshold is None or decode + request_blocks <= threshold * total else 1
+                    if tier and not steer:
+                        continue
+                    if best is None or (tier, cost) < (best[0], best[1]):
+                        best, ties = (tier, cost, wid, rank, dev), 1
+                    elif (tier, cost) == (best[0], best[1]):
                         ties += 1
                         if self._rng.random() * ties < 1:  # a uniform choice among equal costs
-                            best = (cost, wid, rank, dev)
+                            best = (tier, cost, wid, rank, dev)
             with self._last_lock:
                 self.last_pick = KvPick(time.monotonic(), request_blocks, costs)
             if best is None:
                 return None
-            cost, wid, rank, dev = best
+            tier, cost, wid, rank, dev = best
             n = len(costs)
-            return wid, ((0, cost), rank, None, picker.in_flight_now(wid)), lambda: (
+            where = "with room for it" if tier == 0 else "(steered: none has room for it by prediction)"
+            return wid, ((tier, cost), rank, None, picker.in_flight_now(wid)), lambda: (
                 f"kv: {wid:x} rank {rank} holds {dev} of the prompt's {isl_blocks:g} blocks; cost {cost:.2f}, "
-                f"the lowest of {n} free rank(s)")
+                f"the lowest of {n} free rank(s) {where}")
         return choose
 
     def describe(self, worker_id: int, ranks: Sequence[int]) -> Tuple[str, ...]:
