@@ -13,7 +13,7 @@ host-wide, so the processes do not herd.
 Settings by environment (defaults in brackets):
 
 - ``WORKERMON_BIND`` [127.0.0.1:8080], ``WORKERMON_GUNICORN_WORKERS`` [CPUs, at
-  least 2], ``WORKERMON_GUNICORN_THREADS`` [32];
+  least 2; 1 in KV mode], ``WORKERMON_GUNICORN_THREADS`` [32; 64 in KV mode];
 - ``WORKERMON_FRONTEND_URL``; ``WORKERMON_STRATEGY`` [p2c; ``kv``: pick by
   cached prefix, a ``WorkerMonitor(kv_index=True)`` per process, no agent];
   ``WORKERMON_OVERFLOW`` [steer]; ``WORKERMON_BUSY_THRESHOLD`` [0.9: use the
@@ -46,9 +46,12 @@ import time
 from typing import Any, Optional
 
 bind = os.environ.get("WORKERMON_BIND", "127.0.0.1:8080")
-workers = int(os.environ.get("WORKERMON_GUNICORN_WORKERS", "0")) or max(2, os.cpu_count() or 2)
+# KV mode keeps its index and its bookings per process, so one process (with more threads) sees every
+# request it routed; several would each count only their own and pile onto the same cached worker.
+_kv = os.environ.get("WORKERMON_STRATEGY") == "kv"
+workers = int(os.environ.get("WORKERMON_GUNICORN_WORKERS", "0")) or (1 if _kv else max(2, os.cpu_count() or 2))
 worker_class = "gthread"
-threads = int(os.environ.get("WORKERMON_GUNICORN_THREADS", "32"))
+threads = int(os.environ.get("WORKERMON_GUNICORN_THREADS", "0")) or (64 if _kv else 32)
 # Streams last as long as the model writes; the router itself never waits longer than its upstream timeout.
 timeout = 0 if os.environ.get("WORKERMON_GUNICORN_TIMEOUT") == "0" else int(os.environ.get(
     "WORKERMON_GUNICORN_TIMEOUT", "330"))
