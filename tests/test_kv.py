@@ -276,3 +276,29 @@ def test_kv_prefix_affinity_never_overfills_a_small_worker_while_a_roomy_one_can
         if r is None:
             break
     assert picker.counters["rejected"] == 1
+
+
+def test_prompts_are_tokenized_by_the_cards_tokenizer_or_a_clear_error(tmp_path: Path) -> None:
+    import attrs
+
+    from workermon import TokenizerUnavailable
+
+    from .dynamo.model import write_tiny_model
+
+    s, picker, kv = _kv_fleet(1000)
+    w = s.workers[1]
+    model_dir = write_tiny_model(tmp_path / "m")
+    missing = ("/nowhere/tokenizer.json", "blake3:00")
+    w.card = attrs.evolve(w.card, tokenizer_file=missing)
+    with pytest.raises(TokenizerUnavailable, match="/nowhere/tokenizer.json.*tokenizer="):
+        kv.tokens(None, "hello", "m")
+    ids, _ = kv.tokens(None, "hello", "m", tokenizer=str(model_dir))  # the files, copied here
+    assert ids == list(b"hello")  # the tiny model's byte tokens
+    w.card = attrs.evolve(w.card, tokenizer_file=(str(model_dir / "tokenizer.json"), "blake3:11"),
+                          tokenizer_config_file=(str(model_dir / "tokenizer_config.json"), "blake3:22"))
+    chat, _ = kv.tokens(None, [{"role": "user", "content": "hi"}], "m")
+    assert bytes(chat) == b"user: hi\nassistant:"  # rendered with the card's chat template
+    with pytest.raises(TypeError):
+        kv.tokens([1, 2], "both", "m")
+    with pytest.raises(LookupError):
+        kv.tokens([1, 2], None, "another-model")

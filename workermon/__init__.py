@@ -8,6 +8,7 @@ from ._base import Snapshot
 from ._config import MonitorConfig
 from ._health import Health, SourceHealth
 from ._kvhash import block_hashes
+from ._tokens import TokenizerUnavailable
 from ._model import BusyChange, Explanation, PickState, RankExplanation, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, WorkerMonitor
 from ._picker import Reservation
@@ -35,6 +36,7 @@ __all__ = [
     "SourceHealth",
     "TLS",
     "Thresholds",
+    "TokenizerUnavailable",
     "WorkerLoadState",
     "WorkerMonitor",
     "WorkerPublisher",
