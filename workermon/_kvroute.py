@@ -5,9 +5,11 @@ For a prompt of ``isl`` tokens in blocks of ``B`` (the card's
 
     prefill_load_scale × max(0, isl/B − credit × device_overlap
                                  − host_weight × host_overlap − disk_weight × disk_overlap)
-    + decode blocks: the more of (the rank's reported kv_used_blocks + blocks
-      booked on it since that report) and (blocks of this router's unreleased
-      bookings on it), + this request's isl/B
+    + weight × decode load: the more of (the rank's reported kv_used_blocks
+      + blocks booked on it since that report) and (blocks of this router's
+      unreleased bookings on it); weight = the largest candidate's capacity /
+      this rank's (``weigh_by_capacity``; 1 in Dynamo)
+    + this request's isl/B
 
 and the cheapest wins (ties broken at random) among the ranks with room for
 the request by prediction (decode load + the request within ``busy_threshold
@@ -136,6 +138,12 @@ class KvRouting:
         steer = picker.overflow == "steer"
 
         def choose(free: Tuple[int, ...]) -> Any:
+            largest = 0
+            if opt.weigh_by_capacity:
+                for wid in free:
+                    w = state.workers.get(wid)
+                    if w is not None and w.card.total_kv_blocks:
+                        largest = max(largest, w.card.total_kv_blocks)
             # Two tiers: ranks with room for the request by prediction first (as the other
             # strategies), then — overflow="steer" — any rank the busy rule calls free.
             best: Optional[Tuple[int, float, int, int, int]] = None
@@ -161,9 +169,10 @@ class KvRouting:
                     # leaves out requests still queued in the engine; other routers' load is only
                     # in the report).
                     decode = max(load + booked, picker.live_blocks(wid, rank))
-                    cost = opt.prefill_load_scale * max(0.0, uncached) + decode + request_blocks
-                    costs[key] = (dev, cost)
                     total = card.total_kv_blocks
+                    weight = largest / total if largest and total else 1.0
+                    cost = opt.prefill_load_scale * max(0.0, uncached) + weight * decode + request_blocks
+                    costs[key] = (dev, cost)
                     tier = 0 if not total or threshold is None or decode + request_blocks <= threshold * total else 1
                     if tier and not steer:
                         continue

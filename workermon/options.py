@@ -178,6 +178,11 @@ class KvOptions:
     ``prefill_load_scale`` [``--router-prefill-load-scale``],
     ``host_cache_weight`` [``--router-host-cache-hit-weight``],
     ``disk_cache_weight`` [``--router-disk-cache-hit-weight``].
+    ``weigh_by_capacity`` (workermon's, not Dynamo's): a rank's decode load
+    counts in proportion to how small its KV capacity is beside the largest
+    candidate's (a 256-block worker's 50 blocks weigh as 200 beside 1024-block
+    workers), so prefix affinity does not fill a small worker's cache while a
+    larger one idles; False is Dynamo's plain sum.
     """
 
     max_blocks: int = 4_000_000
@@ -186,6 +191,7 @@ class KvOptions:
     prefill_load_scale: float = 1.0
     host_cache_weight: float = 0.75
     disk_cache_weight: float = 0.25
+    weigh_by_capacity: bool = True
 
     def __attrs_post_init__(self) -> None:
         _count("KvOptions.max_blocks", self.max_blocks)
