@@ -59,6 +59,11 @@ CONFIGS: Dict[str, Tuple[str, str]] = {
     "naive-random": ("naive", "random"),
     "workermon-kv": ("router", "kv"),
 }
+WORKLOAD_TEXT = {
+    "uniform": "aiperf's synthetic 818-token prompts (`python -m bench e2e`)",
+    "shared-prefix": "a 200-token system prompt shared by all, one of 60 per-user 600-token contexts, 40 new "
+                     "tokens (`python -m bench e2e --workload shared-prefix`)",
+}
 # What each workload runs by default.
 WORKLOADS: Dict[str, Tuple[str, ...]] = {
     # Issue 20's comparison: independent 818-token prompts (aiperf's pool of synthetic prompts).
@@ -373,7 +378,7 @@ def report(results: List[Dict[str, Any]]) -> str:
     for workload in WORKLOADS:
         rows = [r for r in results if r.get("workload", "uniform") == workload]
         if rows:
-            tables.append(f"**{workload}** workload\n\n{_table(rows)}")
+            tables.append(f"**{workload}** workload — {WORKLOAD_TEXT[workload]}\n\n{_table(rows)}")
     return "\n\n".join(tables)
 
 
@@ -543,9 +548,9 @@ def write_section(path: Path, table: str, args: argparse.Namespace, plot: Path) 
     rel = os.path.relpath(plot, path.parent)
     path.write_text(
         f"{head}{E2E_MARKER}\n## End to end: served better than Dynamo's own routing?\n\n"
-        f"`python -m bench e2e --rounds {args.rounds} --duration {args.duration:g}` ({time.strftime('%Y-%m-%d')}): "
+        f"`python -m bench e2e` ({time.strftime('%Y-%m-%d')}, {args.duration:g} s of load per run): "
         f"Dynamo {DYNAMO} mocker fleet ({fleet}), aiperf {AIPERF}, Poisson {args.rate:g} req/s of streaming chat, "
-        f"{args.isl}-token prompts, {args.osl}-token answers, busy threshold {THRESHOLD} everywhere, configurations "
+        f"{args.osl}-token answers, busy threshold {THRESHOLD} everywhere, configurations "
         f"in alternating order each round, inside a private network namespace.  Medians over rounds; targets "
         f"against round-robin: TTFT p99 ≤ 0.5×, OK req/s ≥ 0.95×, shed ≤ +3 points, router overhead ≤ 10 ms.\n\n"
         f"{table}\n\n![shed share vs TTFT p99, one point per run]({rel})\n")
