@@ -1,0 +1,138 @@
+"""The kv-events source against real etcd and a real ZMQ publisher on loopback.
+
+A worker (card and kv_metrics channel under its lease, from ``WorkerPublisher``)
+also registers a ``kv-events`` channel under the same lease, as a 1.6.1 worker
+with prefix caching does, and publishes Dynamo's 4-frame messages from a pyzmq
+PUB socket.  The monitor follows it into its KV index; an oversized message is
+read past and counted (its loss then shows as a gap), bad payloads are counted,
+and the worker's blocks leave with its lease.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Iterator, List
+
+import msgspec
+import pytest
+import zmq
+
+from workermon import KvOptions, WorkerMonitor, WorkerPublisher, block_hashes
+from workermon._kvhash import sequence_hashes
+from workermon._parse import channel_prefix
+from workermon._servers import EtcdServer
+
+from .helpers import etcd_client
+
+
+@pytest.fixture(autouse=True)
+def no_plane_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DYN_EVENT_PLANE", "NATS_SERVER", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class KvPublisher:
+    """A worker's kv-events PUB socket and its channel key in etcd (under the worker's lease)."""
+
+    def __init__(self, etcd_url: str, worker: WorkerPublisher, publisher_id: int = 0x51A7E) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUB)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.worker = worker
+        self.publisher_id = publisher_id
+        self.sequence = 0
+        self.key = (f"{channel_prefix(worker.namespace, worker.component, worker.endpoint)}"
+                    f"topic/kv-events/{publisher_id:x}").replace("topic/kv_metrics/", "")
+        value = {"type": "EventChannel", "topic": "kv-events", "instance_id": publisher_id,
+                 "transport": {"kind": "Zmq", "config": {"endpoint": f"tcp://127.0.0.1:{port}"}}}
+        self.client = etcd_client(etcd_url)
+        self.client.put(self.key, json.dumps(value), lease=worker.worker_id)
+
+    def frames(self, events: List[Any]) -> List[bytes]:
+        payload = msgspec.msgpack.encode([{"worker_id": self.worker.worker_id, "storage_tier": "device",
+                                           "residency_domain": "worker", "event": e} for e in events])
+        env = msgspec.msgpack.encode({"publisher_id": self.publisher_id, "sequence": self.sequence,
+                                      "published_at": int(time.time() * 1000), "topic": "kv-events",
+                                      "payload": payload})
+        out = [b"kv-events", self.publisher_id.to_bytes(8, "big"), self.sequence.to_bytes(8, "big"),
+               b"\x01" + len(env).to_bytes(4, "big") + env]
+        self.sequence += 1
+        return out
+
+    def send(self, events: List[Any]) -> None:
+        self.sock.send_multipart(self.frames(events))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+        self.client.close()
+
+
+def stored(event_id: int, local: List[int]) -> Any:
+    seqs = sequence_hashes(local)
+    return {"event_id": event_id, "dp_rank": 0, "data": {"stored": {
+        "parent_hash": None, "start_position": None,
+        "blocks": [{"block_hash": s, "tokens_hash": x, "mm_extra_info": None} for s, x in zip(seqs, local)]}}}
+
+
+@pytest.fixture
+def fleet(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[[], Any]]:
+    made: List[Any] = []
+
+    def make() -> Any:
+        worker = WorkerPublisher([etcd_server.url], namespace=namespace, total_kv_blocks=1000,
+                                 event_plane="zmq").start()
+        kv = KvPublisher(etcd_server.url, worker)
+        made.append((worker, kv))
+        return worker, kv
+
+    yield make
+    for worker, kv in made:
+        kv.close()
+        worker.stop()
+
+
+def test_kv_events_fill_the_index_bounded_and_leave_with_the_lease(etcd_server: EtcdServer, namespace: str,
+                                                                    fleet: Any) -> None:
+    worker, kv = fleet()
+    mon = WorkerMonitor([etcd_server.url], namespace=namespace, kv_index=KvOptions(max_message_bytes=4096))
+    mon.start()
+    try:
+        assert mon.wait_ready(10) and mon.wait_for(lambda: worker.worker_id in mon.members(), 10)
+        prompt = list(range(64))
+        local = block_hashes(prompt, 16)
+        # ZMQ has no replay: send the first event until the subscription is through (repeats are
+        # dropped as duplicates by the index).
+        for _ in range(200):
+            kv.send([stored(1, local)])
+            if mon.wait_for(lambda: mon.prefix_overlap(prompt).get((worker.worker_id, 0)) == 4, 0.05):
+                break
+        assert mon.prefix_overlap(prompt) == {(worker.worker_id, 0): 4}
+        view = mon._kv_routing().index.slot(worker.worker_id)
+        assert view is not None and view.complete
+        # Event 2 is oversized (> max_message_bytes): read past, counted; its loss is a gap.
+        kv.send([stored(2, list(range(1000, 1400)))])
+        other = block_hashes(list(range(500, 532)), 16)
+        kv.send([stored(3, other)])
+        assert mon.wait_for(lambda: mon.prefix_overlap(list(range(500, 532)))[(worker.worker_id, 0)] == 2, 10)
+        health = mon.health().kv
+        assert health is not None
+        assert health.counters.get("malformed_oversized") == 1, health
+        assert health.counters.get("index_gaps") == 1
+        assert "never arrived" in str(mon.why(worker.worker_id))
+        # A payload that is not a batch of events is counted and dropped; the thread lives on.
+        kv.sock.send_multipart(kv.frames([])[:3] + [b"\x01\x00\x00\x00\x03abc"])
+        kv.send([{"event_id": 4, "dp_rank": 0, "data": "cleared"}])
+        assert mon.wait_for(lambda: mon.prefix_overlap(prompt)[(worker.worker_id, 0)] == 0, 10)
+        assert mon._kv_routing().index.slot(worker.worker_id).complete  # type: ignore[union-attr]
+        assert mon.health().kv.counters.get("malformed", 0) >= 1  # type: ignore[union-attr]
+        kv.send([stored(5, local)])
+        assert mon.wait_for(lambda: mon.prefix_overlap(prompt)[(worker.worker_id, 0)] == 4, 10)
+        # The worker leaves (its lease is revoked): its blocks go with its kv-events channel.
+        worker.stop()
+        assert mon.wait_for(lambda: mon._kv_routing().index.slot(worker.worker_id) is None, 10)
+        assert mon.health().kv.counters["index_entries"] == 0  # type: ignore[union-attr]
+        assert all(t.is_alive() for t in mon._threads)
+    finally:
+        assert mon.stop(10)
