@@ -1,6 +1,6 @@
 """KV block hashes and the KV index: golden checks on real 1.6.1 traffic, and the index's rules.
 
-The samples (``../shared/dynamo-samples/kv-1.6.1-*``) come from a 1.6.1 fleet
+The samples (``tests/data/dynamo-samples/kv-1.6.1-*``, copied from the shared ones) come from a 1.6.1 fleet
 whose tiny byte-level tokenizer lists its three special tokens first: a byte
 ``b`` is token ``b + 3``.
 """
@@ -20,7 +20,7 @@ from workermon import block_hashes
 from workermon._kvhash import chain_hash, sequence_hashes
 from workermon._kvindex import KvIndex, decode_kv_payload
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "dynamo-samples"
+from .helpers import SAMPLES  # the copy of shared/dynamo-samples in tests/data
 W1, W2 = 7668682703455707400, 7668682703455707422
 
 
