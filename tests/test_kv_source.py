@@ -136,3 +136,17 @@ def test_kv_events_fill_the_index_bounded_and_leave_with_the_lease(etcd_server: 
         assert all(t.is_alive() for t in mon._threads)
     finally:
         assert mon.stop(10)
+
+
+def test_kv_index_on_the_nats_plane_says_it_is_empty(etcd_server: EtcdServer, nats_server: Any,
+                                                     namespace: str) -> None:
+    mon = WorkerMonitor([etcd_server.url], [nats_server.url], namespace=namespace, event_plane="nats",
+                        kv_index=True)
+    mon.start()
+    try:
+        assert mon.wait_ready(10)
+        kv = mon.health().kv
+        assert kv is not None and "ZMQ event plane only" in (kv.last_error or "")
+        assert not any(t.name == "workermon-kv-events" for t in mon._threads)
+    finally:
+        assert mon.stop(10)

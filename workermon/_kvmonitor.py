@@ -100,4 +100,12 @@ class KvMethods:
         index = self._kv.index
         counters = {**h.counters, **{f"index_{k}": v for k, v in index.counters.items()},
                     "index_entries": index.entries, "index_max_blocks": index.max_blocks}
-        return SourceHealth(h.name, h.state, h.last_event_age, counters, h.last_error)
+        error = h.last_error
+        if self._kv_source is None and self._started_kv():
+            # Said in words: otherwise every overlap is silently 0.
+            error = ("KV events are followed on the ZMQ event plane only (direct mode): this monitor's "
+                     "event_plane/broker settings leave the KV index empty")
+        return SourceHealth(h.name, h.state, h.last_event_age, counters, error)
+
+    def _started_kv(self) -> bool:
+        return bool(getattr(self, "_started", False)) and not getattr(self, "static", False)
