@@ -153,7 +153,9 @@ def test_reservations_from_four_processes_spread_evenly(agent: Agent, etcd: Any,
         for c in clients:
             counts.update(c.ask("reserve 25")["workers"])
         assert sum(counts.values()) == 100 and set(counts) == set(ids)
-        assert max(counts.values()) - min(counts.values()) <= 4, counts  # host-wide credit: no herd
+        # Host-wide credit: no herd.  p2c is random: with exact loads its spread over 4 workers × 100
+        # exceeds 4 once in ~400 runs and 7 about never (measured by simulation); a herd is ~100.
+        assert max(counts.values()) - min(counts.values()) <= 7, counts
         # Bookings live in each process's row of the agent's shared memory, counted host-wide.
         assert agent.booked_blocks() == 100
         clients[0].ask("release")  # a release is a write to this process's own row: at once
