@@ -20,7 +20,6 @@ monitor is started per process on first use; under a pre-forking server
 from __future__ import annotations
 
 import atexit
-import json
 import threading
 import urllib.error
 import urllib.request
@@ -89,7 +88,7 @@ class BusyWorkersMiddleware:
         body = request.body if forwarding else b""
         for attempt in (1, 2):
             if self.kv and forwarding and request.method == "POST":
-                res, body = _reserve_kv(monitor, request.body, excluded)
+                res, body = monitor.reserve_kv_request(request.body, exclude=excluded)
             else:
                 res = monitor.reserve(exclude=excluded)
             if res is None:
@@ -148,18 +147,6 @@ def _unavailable(monitor: WorkerMonitor, status: int) -> HttpResponse:
     resp.reason_phrase = "Service Overloaded" if status == 529 else resp.reason_phrase
     resp["Retry-After"] = "1"
     return resp
-
-
-def _reserve_kv(monitor: WorkerMonitor, raw: bytes, excluded: Tuple[int, ...]) -> Tuple[Optional[Reservation], bytes]:
-    """KV mode: tokenize once, reserve by cached prefix, forward exactly the ids that were hashed."""
-    try:
-        doc = json.loads(raw or b"")
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        return monitor.reserve(exclude=excluded), raw  # not JSON: by load; the frontend answers it
-    res, doc = monitor.reserve_kv_request(doc, exclude=excluded)
-    return res, json.dumps(doc).encode()
 
 
 def _release_when_done(response: HttpResponse, res: Reservation) -> HttpResponse:

@@ -275,29 +275,18 @@ def create_app(
 
     kv_mode = settings.strategy == "kv"
 
-    def reserve_kv(mon: Any, body: Optional[bytes], excluded: Tuple[int, ...]) -> Tuple[Any, Optional[bytes]]:
-        """KV mode: tokenize once, pick by cached prefix, forward exactly the tokens that were hashed."""
-        try:
-            doc = json.loads(body or b"")
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            return mon.reserve(exclude=excluded), body  # not JSON: by load; the frontend answers it
-        res, doc = mon.reserve_kv_request(doc, exclude=excluded)
-        return res, json.dumps(doc).encode()
-
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)
     def route(path: str) -> Response:
         mon = holder.get()
         body = request.get_data() or None
-        blocks = size_of(body)
+        blocks = None if kv_mode else size_of(body)  # KV mode counts the prompt's tokens itself
         if request.query_string:
             path += "?" + request.query_string.decode("latin-1")
         excluded: Tuple[int, ...] = ()
         for attempt in range(1, settings.attempts + 1):
             if kv_mode and request.method == "POST":
-                res, body = reserve_kv(mon, body, excluded)
+                res, body = mon.reserve_kv_request(body or b"", exclude=excluded)
             else:
                 res = mon.reserve(strategy=None if kv_mode else settings.strategy, exclude=excluded, blocks=blocks)
             if res is None:

@@ -8,8 +8,9 @@ while each part of it lives in a module of its own.  It reads the monitor's
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Collection, Dict, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple, Union
 
 from ._health import SourceHealth
 from ._kvroute import KvRouting
@@ -24,6 +25,8 @@ class KvMethods:
     _picker: Picker
     _kv_status: Any
     _kv_source: Any
+    _started: bool
+    static: bool
 
     def _kv_routing(self) -> KvRouting:
         if self._kv is None:
@@ -49,30 +52,40 @@ class KvMethods:
         local = kv.local_hashes(ids, card, lora_name, cache_salt)
         return kv.prefix_overlap(local, model if model is not None else card.display_name)
 
-    def reserve_kv_request(self, body: Dict[str, Any], *, exclude: Collection[int] = ()
-                           ) -> Tuple[Optional[Reservation], Dict[str, Any]]:
+    def reserve_kv_request(self, body: Union[bytes, Dict[str, Any]], *, exclude: Collection[int] = ()
+                           ) -> Tuple[Optional[Reservation], Union[bytes, Dict[str, Any]]]:
         """``reserve(strategy="kv")`` for an OpenAI request body; returns the reservation and the body to forward.
 
-        The prompt is the body's ``messages`` (chat, rendered with the model's
-        template) or ``prompt`` (completions); ``model`` names the model when
-        a member serves it under that name.  The body returned carries
-        ``"nvext": {"token_data": ids}`` (the ids that were hashed), so the
-        worker runs exactly them; without a prompt it is picked by load
-        (the monitor's strategy) and returned unchanged.
+        ``body``: the decoded JSON object, or the raw bytes (answered in
+        bytes).  The prompt is its ``messages`` (chat, rendered with the
+        model's template) or ``prompt`` (completions); ``model`` names the
+        model when a member serves it under that name.  The body returned
+        carries ``"nvext": {"token_data": ids}`` (the ids that were hashed),
+        so the worker runs exactly them; a body that is not a JSON object or
+        has no prompt is picked by load (the monitor's strategy) and returned
+        unchanged.
         """
-        prompt = body.get("messages") if isinstance(body.get("messages"), list) else body.get("prompt")
+        doc: Any = body
+        if isinstance(body, (bytes, bytearray)):
+            try:
+                doc = json.loads(body or b"")
+            except ValueError:
+                doc = None  # not JSON: by load; the frontend answers it
+        prompt = doc.get("messages") if isinstance(doc, dict) and isinstance(doc.get("messages"), list) else (
+            doc.get("prompt") if isinstance(doc, dict) else None)
         if not isinstance(prompt, (str, list)) or not prompt:
             return self.reserve(exclude=exclude), body  # type: ignore[attr-defined]
-        model = body.get("model") if isinstance(body.get("model"), str) else None
+        model = doc.get("model") if isinstance(doc.get("model"), str) else None
         try:
             res = self.reserve(strategy="kv", prompt=prompt, model=model, exclude=exclude)  # type: ignore
         except LookupError:
             res = self.reserve(strategy="kv", prompt=prompt, exclude=exclude)  # type: ignore  # another name
         if res is None or res.token_ids is None:
             return res, body
-        nvext = body.get("nvext")
+        nvext = doc.get("nvext")
         extra: Dict[str, Any] = dict(nvext) if isinstance(nvext, dict) else {}
-        return res, {**body, "nvext": {**extra, "token_data": res.token_ids}}
+        out = {**doc, "nvext": {**extra, "token_data": res.token_ids}}
+        return res, json.dumps(out).encode() if isinstance(body, (bytes, bytearray)) else out
 
     def _reserve_kv(self, tokens: Optional[Sequence[int]], prompt: Optional[Prompt], model: Optional[str],
                     worker_type: Optional[str], exclude: Collection[int], lora_name: Optional[str],
@@ -101,11 +114,8 @@ class KvMethods:
         counters = {**h.counters, **{f"index_{k}": v for k, v in index.counters.items()},
                     "index_entries": index.entries, "index_max_blocks": index.max_blocks}
         error = h.last_error
-        if self._kv_source is None and self._started_kv():
+        if self._kv_source is None and self._started and not self.static:
             # Said in words: otherwise every overlap is silently 0.
             error = ("KV events are followed on the ZMQ event plane only (direct mode): this monitor's "
                      "event_plane/broker settings leave the KV index empty")
         return SourceHealth(h.name, h.state, h.last_event_age, counters, error)
-
-    def _started_kv(self) -> bool:
-        return bool(getattr(self, "_started", False)) and not getattr(self, "static", False)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 import time
 from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from ._kvhash import block_hashes, sequence_hashes
 from ._kvindex import KvIndex
+from ._picker import MAX_RANKS_SCANNED, unsigned_ids
 from ._tokens import Prompt, Tokenizers
 from .options import KvOptions
 
@@ -60,7 +60,6 @@ class KvRouting:
         self._picker = picker
         self._members = members
         self._rng = random.Random()
-        self._last_lock = threading.Lock()
         self.last_pick: Optional[KvPick] = None
 
     # --- the prompt ------------------------------------------------------------------------------
@@ -119,7 +118,7 @@ class KvRouting:
             if w is None or not w.admitted or (model is not None and w.card.display_name != model):
                 continue
             start = w.card.data_parallel_start_rank
-            for rank in range(start, start + min(w.card.data_parallel_size, 1024)):
+            for rank in range(start, start + min(w.card.data_parallel_size, MAX_RANKS_SCANNED)):
                 out[(wid, rank)] = device.get((wid, rank), 0)
         return out
 
@@ -132,7 +131,7 @@ class KvRouting:
         device, host, disk = self.overlaps(local)
         picker = self._picker
         state = self._state
-        excluded = frozenset(i + (1 << 64) if i < 0 else i for i in exclude)
+        excluded = unsigned_ids(exclude)
 
         threshold = state.thresholds.busy_threshold
         steer = picker.overflow == "steer"
@@ -182,8 +181,7 @@ class KvRouting:
                         ties += 1
                         if self._rng.random() * ties < 1:  # a uniform choice among equal costs
                             best = (tier, cost, wid, rank, dev)
-            with self._last_lock:
-                self.last_pick = KvPick(time.monotonic(), request_blocks, costs)
+            self.last_pick = KvPick(time.monotonic(), request_blocks, costs)  # under the picker's lock
             if best is None:
                 return None
             tier, cost, wid, rank, dev = best

@@ -34,7 +34,7 @@ Strategy = Literal["p2c", "least_loaded", "round_robin", "random"]
 STRATEGIES: Tuple[str, ...] = ("p2c", "least_loaded", "round_robin", "random")
 Overflow = Literal["steer", "refuse"]
 OVERFLOW: Tuple[str, ...] = ("steer", "refuse")
-_MAX_RANKS_SCANNED = 1024
+MAX_RANKS_SCANNED = 1024
 _SAMPLES = 8  # random draws before a random strategy falls back to a scan
 
 
@@ -313,7 +313,7 @@ class Picker(Ledger):
         th = state.thresholds
         threshold = th.busy_threshold
         start = card.data_parallel_start_rank
-        end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
+        end = start + min(card.data_parallel_size, MAX_RANKS_SCANNED)
         credit = self._credit
         ranks = w.ranks
         best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end, self.external), total, threshold,
@@ -328,7 +328,7 @@ class Picker(Ledger):
         """``(rank, reported load, booked blocks)`` of each of ``w``'s declared ranks the busy rule calls free."""
         card = w.card
         start = card.data_parallel_start_rank
-        end = start + min(card.data_parallel_size, _MAX_RANKS_SCANNED)
+        end = start + min(card.data_parallel_size, MAX_RANKS_SCANNED)
         return _declared_ranks(wid, w.ranks, card, self._state.thresholds, self._credit, start, end, self.external)
 
     def live_blocks(self, wid: int, rank: int) -> int:
