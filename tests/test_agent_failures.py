@@ -47,6 +47,8 @@ class AgentProcess:
                     "--event-plane", "zmq", "--socket", path, *extra]
         self.limit_fds = limit_fds
         self.proc: Optional["subprocess.Popen[str]"] = None
+        # Its stderr goes to a file beside nothing the agent serves, so a failing test can show it.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="wm-agent-", suffix=".log")
         self.start()
 
     def start(self) -> None:
@@ -55,8 +57,23 @@ class AgentProcess:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (self.limit_fds, self.limit_fds))
 
         env = {k: v for k, v in os.environ.items() if k not in ("NATS_SERVER", "DYN_EVENT_PLANE")}
-        self.proc = subprocess.Popen(self.cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.cmd, env=env, stderr=self.log, stdout=subprocess.DEVNULL,
                                      text=True, preexec_fn=limit)
+
+    def output(self) -> str:
+        """What the agent has written to stderr so far (for assertion messages)."""
+        with open(self.log.name) as f:
+            return f.read()
+
+    def wait_output(self, text: str, timeout: float) -> bool:
+        """Whether ``text`` appears on the agent's stderr within ``timeout`` (a file another process writes:
+        there is nothing to wait on but the file, so it is read every 50 ms up to the bound)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() >= deadline or (self.proc is not None and self.proc.poll() is not None):
+                return text in self.output()
+            time.sleep(0.05)
+        return True
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -79,9 +96,8 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read()
-        self.proc.stderr.close()
+        err = self.output()
+        self.log.close()
         return err
 
     def cpu_seconds(self) -> float:
@@ -131,7 +147,8 @@ def test_hung_agent_never_blocks_16_request_threads(etcd_server: EtcdServer, nam
 
     threads = [threading.Thread(target=route) for _ in range(16)]
     try:
-        assert client.wait_ready(20) and client.wait_for(lambda: len(client.members()) == 4, 10)
+        assert client.wait_ready(20), agent.output()[-3000:]
+        assert client.wait_for(lambda: len(client.members()) == 4, 10)
         for t in threads:
             t.start()
         agent.signal(signal.SIGSTOP)
@@ -162,7 +179,7 @@ def test_stop_returns_within_its_bound_while_the_agent_is_hung(etcd_server: Etcd
     agent = AgentProcess(etcd_server.url, namespace, path)
     client = SharedMonitor(path).start()
     try:
-        assert client.wait_ready(20)
+        assert client.wait_ready(20), agent.output()[-3000:]
         agent.signal(signal.SIGSTOP)
         # A send that fills the socket while the agent reads nothing still never blocks.
         for _ in range(20_000):
@@ -182,7 +199,8 @@ def test_restart_with_reservations_held(etcd_server: EtcdServer, namespace: str,
     client = SharedMonitor(path).start()
     changes = Changes()
     try:
-        assert client.wait_ready(20) and client.wait_for(lambda: client.members() == {pub.worker_id}, 10)
+        assert client.wait_ready(20), agent.output()[-3000:]
+        assert client.wait_for(lambda: client.members() == {pub.worker_id}, 10)
         client.on_busy_change(changes)
         assert changes.get().version == client.version  # first called with the current state
         assert pub.wait_subscribed(10)
@@ -196,7 +214,7 @@ def test_restart_with_reservations_held(etcd_server: EtcdServer, namespace: str,
         agent.kill()
         assert client.wait_for(lambda: not client.ready, 5)
         agent.start()
-        assert client.wait_ready(20)
+        assert client.wait_ready(20), agent.output()[-3000:]
         assert client.version >= before  # a new agent counts from 0; the client never goes backwards
         # The dead agent's shared memory is unmapped: one mapping of fleet.shm, the new agent's.
         maps = Path("/proc/self/maps").read_text().splitlines()
@@ -224,7 +242,8 @@ def test_picking_while_the_agent_is_gone_keeps_the_rules(etcd_server: EtcdServer
     agent = AgentProcess(etcd_server.url, namespace, path)
     client = SharedMonitor(path, overflow="refuse").start()  # the prediction's room, strictly
     try:
-        assert client.wait_ready(20) and client.wait_for(lambda: client.members() == {a.worker_id, b.worker_id}, 10)
+        assert client.wait_ready(20), agent.output()[-3000:]
+        assert client.wait_for(lambda: client.members() == {a.worker_id, b.worker_id}, 10)
         agent.kill()
         assert client.wait_for(lambda: not client.ready, 5)
         for _ in range(20):
@@ -253,6 +272,31 @@ def test_picking_while_the_agent_is_gone_keeps_the_rules(etcd_server: EtcdServer
     finally:
         agent.stop()
         assert client.stop(5)
+
+
+def test_an_agent_started_before_etcd_waits_for_it(namespace: str, sock_dir: str) -> None:
+    """A daemon outlives a late etcd: unready, it serves, says why once, and becomes ready when etcd comes."""
+    etcd = EtcdServer()  # its port is chosen, nothing listens on it yet
+    path = os.path.join(sock_dir, "agent.sock")
+    agent = AgentProcess(etcd.url, namespace, path, "--connect-timeout", "1")
+    client = SharedMonitor(path).start()
+    try:
+        assert agent.wait_output("not ready: cannot reach etcd", 30), agent.output()[-3000:]
+        assert agent.proc is not None and agent.proc.poll() is None  # still running, still serving
+        assert not client.ready
+        etcd.start()
+        pub = WorkerPublisher([etcd.url], namespace=namespace, event_plane="zmq", total_kv_blocks=100).start()
+        try:
+            assert client.wait_ready(30), agent.output()[-3000:]
+            assert client.wait_for(lambda: client.members() == {pub.worker_id}, 10)
+        finally:
+            pub.stop()
+        assert agent.wait_output("workermon agent serving", 10), agent.output()[-3000:]
+    finally:
+        err = agent.stop()
+        assert client.stop(5)
+        etcd.close()
+    assert err.count("still trying") == 1, err[-3000:]
 
 
 def test_sticky_or_shared_directories_are_refused(make_monitor: Make) -> None:
@@ -345,7 +389,7 @@ def test_out_of_descriptors_backs_off_and_logs_once(etcd_server: EtcdServer, nam
     conns: List[socket.socket] = []
     try:
         probe = SharedMonitor(path).start()
-        assert probe.wait_ready(20)
+        assert probe.wait_ready(20), agent.output()[-3000:]
         assert probe.stop(5)
         for _ in range(60):  # more than it has descriptors for
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -361,7 +405,7 @@ def test_out_of_descriptors_backs_off_and_logs_once(etcd_server: EtcdServer, nam
         conns.clear()
         late = SharedMonitor(path).start()  # accepting resumes once descriptors are free
         try:
-            assert late.wait_ready(20)
+            assert late.wait_ready(20), agent.output()[-3000:]
         finally:
             assert late.stop(5)
     finally:

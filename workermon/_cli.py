@@ -204,20 +204,27 @@ def _add_view_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log warnings and reconnects to stderr")
 
 
-def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float) -> None:
+def _unready_reason(mon: WorkerMonitor, timeout: float) -> Optional[str]:
+    """None once ``mon`` is ready within ``timeout``; else what it is still waiting for, in words."""
     if mon.wait_ready(timeout):
-        return
+        return None
     etcd = mon.config.etcd_endpoints or ()
     nats = mon.config.nats_servers or ()
     h = mon.health()
     if h.etcd.state != "connected":
-        raise UserError(f"cannot reach etcd at {', '.join(etcd)} within {timeout:g} s"
-                        + (f" ({h.etcd.last_error})" if h.etcd.last_error else ""))
+        return (f"cannot reach etcd at {', '.join(etcd)} within {timeout:g} s"
+                + (f" ({h.etcd.last_error})" if h.etcd.last_error else ""))
     if "zmq" in h.required and h.zmq.state != "connected":
-        raise UserError(f"the ZMQ event plane did not come up within {timeout:g} s"
-                        + (f" ({h.zmq.last_error})" if h.zmq.last_error else ""))
-    raise UserError(f"cannot reach NATS at {', '.join(nats)} within {timeout:g} s"
-                    + (f" ({h.nats.last_error})" if h.nats.last_error else ""))
+        return (f"the ZMQ event plane did not come up within {timeout:g} s"
+                + (f" ({h.zmq.last_error})" if h.zmq.last_error else ""))
+    return (f"cannot reach NATS at {', '.join(nats)} within {timeout:g} s"
+            + (f" ({h.nats.last_error})" if h.nats.last_error else ""))
+
+
+def _wait_ready_or_explain(mon: WorkerMonitor, timeout: float) -> None:
+    reason = _unready_reason(mon, timeout)
+    if reason is not None:
+        raise UserError(reason)
 
 
 def _tls_from_args(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Optional[TLS]:
@@ -307,20 +314,32 @@ def cmd_agent(args: argparse.Namespace, stopping: threading.Event) -> int:
     mon.start()
     agent.start()
     try:
-        _wait_ready_or_explain(mon, args.connect_timeout)
-        log.info("workermon agent serving %s (%d workers, %d busy)", path, len(mon.members()), len(mon.busy_workers()))
+        # A daemon outlives a slow or late etcd: unready, it keeps serving (its
+        # clients see it not ready and why) and keeps trying; it says so once.
         until = None if args.duration is None else time.monotonic() + args.duration
+        reason = _unready_reason(mon, min(args.connect_timeout, args.duration or args.connect_timeout))
+        if reason is None:
+            _log_serving(log, path, mon)
+        else:
+            log.warning("workermon agent not ready: %s; serving %s meanwhile, still trying", reason, path)
         while not stopping.wait(0.5 if until is None else max(0.0, min(0.5, until - time.monotonic()))):
             if until is not None and time.monotonic() >= until:
                 break
             if not agent.is_alive():
                 raise UserError("the agent thread ended unexpectedly")
+            if reason is not None and mon.ready:
+                reason = None
+                _log_serving(log, path, mon)
     finally:
         agent.stop()
         mon.stop()
         _stop_metrics(served)
         log.info("workermon agent stopped; %s removed", path)
     return 0
+
+
+def _log_serving(log: logging.Logger, path: str, mon: WorkerMonitor) -> None:
+    log.info("workermon agent serving %s (%d workers, %d busy)", path, len(mon.members()), len(mon.busy_workers()))
 
 
 def cmd_watch(args: argparse.Namespace, stopping: threading.Event) -> int:
@@ -491,7 +510,8 @@ def _add_monitor_args(w: argparse.ArgumentParser) -> None:
     w.add_argument("--component", default=None, help="only this component's workers")
     w.add_argument("--endpoint", default=None, help="only this endpoint's workers (needs --component)")
     w.add_argument("--connect-timeout", type=_positive, default=5.0, metavar="S",
-                   help="give up when etcd or NATS is unreachable for S seconds at start (default 5)")
+                   help="watch gives up when etcd or NATS is unreachable for S seconds at start; the agent "
+                        "says so and keeps trying (default 5)")
     w.add_argument("--event-plane", choices=("auto", "nats", "zmq"),
                    default=os.environ.get("DYN_EVENT_PLANE", "auto").strip().lower() or "auto",
                    help="where load reports come from (default $DYN_EVENT_PLANE, else auto: ZMQ channels "
