@@ -138,15 +138,83 @@ def test_kv_events_fill_the_index_bounded_and_leave_with_the_lease(etcd_server: 
         assert mon.stop(10)
 
 
-def test_kv_index_on_the_nats_plane_says_it_is_empty(etcd_server: EtcdServer, nats_server: Any,
+def _envelope(publisher_id: int, sequence: int, payload: Any) -> bytes:
+    return msgspec.msgpack.encode({"publisher_id": publisher_id, "sequence": sequence,
+                                   "published_at": int(time.time() * 1000), "topic": "kv-events",
+                                   "payload": msgspec.msgpack.encode(payload)})
+
+
+def _item(worker_id: int, event: Any) -> Any:
+    return {"worker_id": worker_id, "storage_tier": "device", "event": event}
+
+
+def test_kv_events_on_the_nats_plane_in_every_layout(etcd_server: EtcdServer, nats_server: Any,
                                                      namespace: str) -> None:
+    """Three workers publish as 1.6 (endpoint subject, array), 1.3 (component subject, one event) and 0.9
+    (a JetStream stream's subject, JSON, ids from 0) do; the monitor follows each, bounds messages,
+    counts bad ones, ignores a stranger's events and lets a departed worker's blocks go."""
+    from .helpers import RawNatsPublisher
+
+    workers = [WorkerPublisher([etcd_server.url], [nats_server.url], namespace=namespace, total_kv_blocks=1000,
+                               event_plane="nats").start() for _ in range(3)]
+    new, mid, old = workers
     mon = WorkerMonitor([etcd_server.url], [nats_server.url], namespace=namespace, event_plane="nats",
-                        kv_index=True)
+                        kv_index=KvOptions(max_message_bytes=4096))
+    mon.start()
+    pub = RawNatsPublisher(nats_server.url)
+    try:
+        assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == {w.worker_id for w in workers}, 10)
+        assert mon.wait_for(lambda: mon.health().kv.state == "connected", 10), mon.health().kv  # type: ignore
+        assert not any(t.name == "workermon-kv-events" for t in mon._threads)  # no ZMQ plane here
+        ep = f"namespace.{namespace}.component.backend.endpoint.generate.kv-events"
+        comp = f"namespace.{namespace}.component.backend.kv-events"
+        stream = f"namespace-{namespace}-component-backend-kv-events.kv-events"
+        a, b, c = (list(range(k * 100, k * 100 + 48)) for k in range(1, 4))
+        pub.publish(ep, _envelope(0xA1, 0, [_item(new.worker_id, stored(1, block_hashes(a, 16)))]))
+        pub.publish(comp, _envelope(0xB1, 0, _item(mid.worker_id, stored(1, block_hashes(b, 16)))))
+        pub.publish(stream, json.dumps({"worker_id": old.worker_id, "event": stored(0, block_hashes(c, 16))}).encode())
+        pub.flush()
+        want = {(new.worker_id, 0): 3, (mid.worker_id, 0): 0, (old.worker_id, 0): 0}
+        assert mon.wait_for(lambda: mon.prefix_overlap(a) == want, 10), mon.prefix_overlap(a)
+        assert mon.wait_for(lambda: mon.prefix_overlap(b)[(mid.worker_id, 0)] == 3, 10)
+        assert mon.wait_for(lambda: mon.prefix_overlap(c)[(old.worker_id, 0)] == 3, 10)
+        assert all(v.complete for v in mon._kv_routing().index.slots())  # 0.9's ids from 0: no late start
+
+        # A stranger (no card), an oversized message, a bad envelope and bad JSON: counted, dropped.
+        pub.publish(ep, _envelope(0xC1, 0, [_item(0x5EED, stored(1, block_hashes(a, 16)))]))
+        pub.publish(ep, _envelope(0xA1, 1, [_item(new.worker_id, stored(2, block_hashes(list(range(4000)), 16)))]))
+        pub.publish(ep, b"\x93not an envelope")
+        pub.publish(stream, b"{not json")
+        pub.publish(ep, _envelope(0xA1, 2, [_item(new.worker_id, {"event_id": 3, "dp_rank": 0, "data": "cleared"})]))
+        pub.flush()
+        assert mon.wait_for(lambda: mon.prefix_overlap(a)[(new.worker_id, 0)] == 0, 10)
+        kv = mon.health().kv
+        assert kv is not None
+        assert kv.counters.get("not_members") == 1 and kv.counters.get("malformed_oversized") == 1, kv
+        assert kv.counters.get("malformed_bad_envelope") == 1 and kv.counters.get("malformed_bad_payload") == 1, kv
+        assert 0x5EED not in mon._kv_routing().index.worker_ids()
+        assert kv.last_error is None
+
+        # A worker that leaves takes its blocks with it (on NATS nothing but its card says it left).
+        mid.stop()
+        assert mon.wait_for(lambda: mid.worker_id not in mon._kv_routing().index.worker_ids(), 10)
+        assert mon.prefix_overlap(c)[(old.worker_id, 0)] == 3
+        assert all(t.is_alive() for t in mon._threads)
+    finally:
+        pub.close()
+        assert mon.stop(10)
+        for w in workers:
+            w.stop()
+
+
+def test_kv_index_through_a_zmq_broker_says_it_is_empty(etcd_server: EtcdServer, namespace: str) -> None:
+    mon = WorkerMonitor([etcd_server.url], None, namespace=namespace, event_plane="zmq",
+                        zmq_broker_url="xsub=tcp://127.0.0.1:1, xpub=tcp://127.0.0.1:2", kv_index=True)
     mon.start()
     try:
-        assert mon.wait_ready(10)
+        assert mon.wait_for(lambda: mon.health().etcd.state == "connected", 10)
         kv = mon.health().kv
-        assert kv is not None and "ZMQ event plane only" in (kv.last_error or "")
-        assert not any(t.name == "workermon-kv-events" for t in mon._threads)
+        assert kv is not None and "not through a ZMQ broker" in (kv.last_error or "")
+        assert not any(t.name.startswith("workermon-kv-events") for t in mon._threads)
     finally:
         assert mon.stop(10)

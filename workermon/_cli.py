@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--why", type=_worker_id, default=None, metavar="ID",
                    help="below the table, explain why this worker (hex as in Dynamo's keys, or decimal) is busy or not")
     w.add_argument("--kv-index", action="store_true",
-                   help="also follow the workers' kv-events (ZMQ plane): --why then shows each rank's cached blocks")
+                   help="also follow the workers' kv-events (ZMQ or NATS plane): --why then shows each rank's "
+                        "cached blocks")
     _add_view_args(w)
     a = sub.add_parser("agent", help="one monitor per host, served to local processes (SharedMonitor)")
     _add_monitor_args(a)

@@ -96,6 +96,18 @@ class MonitorConfig:
         """Whether load reports are read from the ZMQ event plane."""
         return self.event_plane != "nats"
 
+    @property
+    def kv_subjects(self) -> Tuple[str, ...]:
+        """Where the workers' KV events are on NATS (``kv_index=True``), in each layout Dynamo has used:
+        endpoint-scoped (1.4 on), component-scoped (1.0–1.3), and the JetStream stream's subject of
+        0.9 (``namespace-{ns}-component-{c}-kv-events.kv-events``; a wildcard cannot
+        stand inside a token, so with no component every ``*.kv-events`` is taken and filtered)."""
+        c, e = self.component or "*", self.endpoint or "*"
+        stream = f"namespace-{self.namespace}-component-{self.component}-kv-events" if self.component else "*"
+        return (f"namespace.{self.namespace}.component.{c}.endpoint.{e}.kv-events",
+                f"namespace.{self.namespace}.component.{c}.kv-events",
+                f"{stream}.kv-events")
+
 
 def _split(value: Union[Sequence[str], str, None]) -> Tuple[str, ...]:
     if value is None:

@@ -11,7 +11,8 @@ slot keeps a map from those to sequence hashes only where the two differ
 Events are applied in order per slot: ``stored`` (a chain of blocks under a
 parent), ``removed`` (by ``block_hash``) and ``cleared``.  A slot's view is
 *incomplete* — counted, and shown by ``why()`` — after a gap in its
-``event_id``s (or a first event other than 1: this follower started late), a
+``event_id``s (or a first event other than a life's first — 1, or 0 up to Dynamo 1.0 —: this
+follower started late), a
 new publisher for its worker, or a ``stored`` chain whose parent it never saw
 (those blocks cannot be placed and are not indexed); its overlap then counts
 only what arrived since.  A worker that leaves takes its blocks with it.
@@ -25,14 +26,14 @@ Measured size per cached (worker, block): see ``python -m bench`` (``kv index``)
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 
 from ._fleet import Counters
 from ._kvhash import chain_hash, sequence_hashes
 
-__all__ = ["KvIndex", "SlotView", "TIERS", "decode_kv_payload"]
+__all__ = ["KvIndex", "KvItem", "SlotView", "TIERS", "decode_kv_json", "decode_kv_payload"]
 
 TIERS = ("device", "host_pinned", "disk", "external")
 _U64 = (1 << 64) - 1
@@ -72,13 +73,25 @@ class _Item(msgspec.Struct):
     storage_tier: str = "device"
 
 
-_decode_items = msgspec.msgpack.Decoder(List[_Item])
+KvItem = _Item  # one event of one worker rank, as decoded
+
+
+_decode_items = msgspec.msgpack.Decoder(Union[List[_Item], _Item])
+_decode_json_item = msgspec.json.Decoder(_Item)
 _data = msgspec.convert
 
 
 def decode_kv_payload(payload: bytes) -> List[_Item]:
-    """The events of one ``kv-events`` message payload (raises ``msgspec`` errors on a bad one)."""
-    return _decode_items.decode(payload)
+    """The events of one ``kv-events`` envelope's payload: a msgpack array of events (1.4 on), or one
+    event (1.1–1.3).  Raises ``msgspec`` errors on a bad one."""
+    items = _decode_items.decode(payload)
+    return items if isinstance(items, list) else [items]
+
+
+def decode_kv_json(data: bytes) -> List[_Item]:
+    """One event as Dynamo 0.9 publishes it to its JetStream stream: JSON, no envelope (``event_id``
+    counts from 0).  Raises ``msgspec`` errors on a bad one."""
+    return [_decode_json_item.decode(data)]
 
 
 class SlotView(msgspec.Struct):
@@ -164,7 +177,9 @@ class KvIndex:
             slot.publisher = publisher_id
         last = slot.last_event
         if last is None:
-            if ev.event_id != 1:
+            # A life starts at 1 (at 0 up to Dynamo 1.0).  Missing only a 0-based life's event 0
+            # goes unseen here, but its blocks are then parents nobody knows: marked on first use.
+            if ev.event_id > 1:
                 self._mark(slot, f"followed from event {ev.event_id}: what came before is unknown", "late_starts")
         elif ev.event_id != last + 1 and ev.event_id > last:
             self._mark(slot, f"events {last + 1}..{ev.event_id - 1} never arrived", "gaps")
@@ -268,6 +283,11 @@ class KvIndex:
                 del self._by_bit[slot.bit]
                 self._free_bits.append(slot.bit)
                 self.counters.inc("workers_dropped")
+
+    def worker_ids(self) -> FrozenSet[int]:
+        """The workers the index holds anything of (any thread)."""
+        with self._lock:
+            return frozenset(k[0] for k in self._slots)
 
     def mark_incomplete(self, worker_id: int, why: str) -> None:
         """Something outside the events says this worker's view has holes (e.g. its channel moved)."""

@@ -3,7 +3,7 @@
 A mixin, as :mod:`workermon._loop` is: the facade stays one class for users
 while each part of it lives in a module of its own.  It reads the monitor's
 ``_kv`` (a :class:`~workermon._kvroute.KvRouting`, or None), ``_picker`` and
-``_kv_status``.
+``_kv_status`` and ``_kv_sources``.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ class KvMethods:
     _kv: Optional[KvRouting]
     _picker: Picker
     _kv_status: Any
-    _kv_source: Any
+    _kv_sources: Tuple[Any, ...]
     _started: bool
     static: bool
 
     def _kv_routing(self) -> KvRouting:
         if self._kv is None:
-            raise RuntimeError("KV-aware picking needs WorkerMonitor(kv_index=True) (it follows the kv-events "
-                               "channels of a ZMQ event plane)")
+            raise RuntimeError("KV-aware picking needs WorkerMonitor(kv_index=True) (it follows the workers' "
+                               "kv-events on their event plane, ZMQ or NATS)")
         return self._kv
 
     def prefix_overlap(self, tokens: Optional[Sequence[int]] = None, *, prompt: Optional[Prompt] = None,
@@ -109,13 +109,28 @@ class KvMethods:
     def _kv_health(self) -> Optional[SourceHealth]:
         if self._kv is None:
             return None
-        h = self._kv_source.health() if self._kv_source is not None else self._kv_status.view()
+        views = [src.health() for src in self._kv_sources] or [self._kv_status.view()]
+        h = views[0] if len(views) == 1 else _merged(views)
         index = self._kv.index
         counters = {**h.counters, **{f"index_{k}": v for k, v in index.counters.items()},
                     "index_entries": index.entries, "index_max_blocks": index.max_blocks}
         error = h.last_error
-        if self._kv_source is None and self._started and not self.static:
+        if not self._kv_sources and self._started and not self.static:
             # Said in words: otherwise every overlap is silently 0.
-            error = ("KV events are followed on the ZMQ event plane only (direct mode): this monitor's "
-                     "event_plane/broker settings leave the KV index empty")
+            error = ("KV events are followed on NATS and on the ZMQ plane in direct mode, not through a ZMQ "
+                     "broker: this monitor's settings leave the KV index empty")
         return SourceHealth(h.name, h.state, h.last_event_age, counters, error)
+
+
+def _merged(views: Sequence[SourceHealth]) -> SourceHealth:
+    """One view of the KV-events sources (ZMQ and NATS): connected when one is, counters summed."""
+    order = ("connected", "reconnecting", "connecting", "idle", "stopped")
+    state = min((v.state for v in views), key=lambda s: order.index(s) if s in order else len(order))
+    counters: Dict[str, int] = {}
+    for v in views:
+        for k, n in v.counters.items():
+            counters[k] = counters.get(k, 0) + n
+    ages = [v.last_event_age for v in views if v.last_event_age is not None]
+    error = next((v.last_error for v in views if v.last_error), None)
+    return SourceHealth("kv-events", state, min(ages) if ages else None, counters, error,
+                        ", ".join(v.endpoint for v in views if v.endpoint) or None)

@@ -134,7 +134,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
         kv_opts = kv_index if isinstance(kv_index, KvOptions) else KvOptions() if kv_index else None
         self._kv = None if kv_opts is None else KvRouting(kv_opts, self._state, self._picker,
                                                          lambda: self._snapshot.members)
-        self._kv_source: Optional[Source] = None
+        self._kv_sources: Tuple[Source, ...] = ()
         self.event_plane: EventPlane = cfg.event_plane
         self.nats_required = cfg.nats_required
         self.static = cfg.static
@@ -169,6 +169,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
         self._nats_status = SourceStatus("nats", _clock)
         self._zmq_status = SourceStatus("zmq", _clock)
         self._kv_status = SourceStatus("kv-events", _clock)
+        self._kv_nats_status = SourceStatus("kv-events-nats", _clock)
         self._callback_errors = 0
         self._wake_pending = False
         self._snapshot_listeners: List[Callable[[], None]] = []
@@ -204,12 +205,13 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
             sources = build_sources(
                 self._cfgs, self._queue.put, self._stopping,
                 {"etcd": self._etcd_status, "nats": self._nats_status, "zmq": self._zmq_status,
-                 "kv": self._kv_status},
+                 "kv": self._kv_status, "kv-nats": self._kv_nats_status},
                 {"nats": lambda: self._set_ready(self._nats_ready), "zmq": lambda: self._set_ready(self._zmq_ready)},
                 self.config.limits, self.nats_required, self._kv.index if self._kv is not None else None,
-                self._kv.options.max_message_bytes if self._kv is not None else 0)
+                self._kv.options.max_message_bytes if self._kv is not None else 0, self.members,
+                self._kv_changed)
             self._etcd, self._nats, self._zmq = sources.etcd, sources.nats, sources.zmq
-            self._kv_source = sources.kv
+            self._kv_sources = tuple(s for s in (sources.kv, sources.kv_nats) if s is not None)
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
             self._threads = [reducer, *sources.all()]
             for thread in self._threads:
@@ -268,6 +270,11 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
             and self._nats_ready.is_set()
             and self._zmq_ready.is_set()
         )
+
+    def _kv_changed(self) -> None:
+        # The KV index changed (a KV-events thread): wait_for() re-checks.
+        with self._changed:
+            self._changed.notify_all()
 
     def _set_ready(self, event: threading.Event) -> None:
         # Readiness is waited on under the condition; set it there too.
@@ -543,7 +550,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
         return handle
 
     def _sources(self) -> List[Any]:
-        return [s for s in (self._etcd, self._nats, self._zmq, self._kv_source) if s is not None]
+        return [s for s in (self._etcd, self._nats, self._zmq, *self._kv_sources) if s is not None]
 
     # --- fork ---------------------------------------------------------------
 

@@ -530,3 +530,17 @@ def parse_zmq_frames(frames: List[bytes], topic: bytes, max_bytes: int = DEFAULT
     if not env.payload:
         raise Malformed("bad_envelope", "empty payload")
     return publisher_id, sequence, env.payload
+
+
+def parse_kv_envelope(data: bytes, topic: str) -> Tuple[int, bytes]:
+    """One NATS event-plane message (Dynamo 1.1+): ``(publisher_id, payload)`` of its msgpack envelope,
+    whose topic must be ``topic``.  Raises :class:`Malformed` (``bad_envelope``, ``wrong_topic``)."""
+    try:
+        env = _msgpack_zmq_envelope.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        raise Malformed("bad_envelope", str(exc)[:200]) from None
+    if env.topic != topic:
+        raise Malformed("wrong_topic", f"envelope topic {env.topic[:60]!r}")
+    if not env.payload:
+        raise Malformed("bad_envelope", "empty payload")
+    return env.publisher_id, env.payload

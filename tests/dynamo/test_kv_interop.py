@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from workermon import WorkerMonitor, block_hashes
-from workermon._servers import EtcdServer
+from workermon._servers import EtcdServer, NatsServer
 
 from .fleet import DynamoFleet, version_tuple
 from .test_interop import _python_for, release  # noqa: F401  (the release fixture)
@@ -223,3 +223,48 @@ def test_block_hashes_equal_the_wheels_own_function(release: str) -> None:
     for case, expected in zip(cases, theirs):
         ours = block_hashes(case["tokens"], case["size"], lora_name=case["lora"], cache_salt=case["salt"])
         assert ours == expected, case
+
+
+def test_kv_events_on_the_nats_plane_follow_what_workers_cache(release: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DYN_EVENT_PLANE=nats`` with a kv-mode frontend, on each release from 0.9 (three NATS layouts,
+    see tests/data/dynamo-samples/README.md): once a prompt has been served, some worker holds all of its
+    full blocks in workermon's index, and a worker stopped takes its blocks with it."""
+    if version_tuple(release) < (0, 9):
+        pytest.skip("KV events on NATS are measured from 0.9.1 on")
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    python = _python_for(release)
+    with EtcdServer() as etcd, NatsServer(jetstream=True) as nats:
+        mon = WorkerMonitor([etcd.url], [nats.url], event_plane="nats", busy_threshold=0.99, kv_index=True).start()
+        fleet = DynamoFleet(python, release, etcd.url, nats.url, workers=2, blocks=256, busy_threshold=0.99,
+                            event_plane="nats", frontend_args=("--router-mode", "kv"))
+        try:
+            fleet.start()
+            assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 60), fleet.logs()
+            deadline = time.monotonic() + 60
+            while not fleet.models_listed() and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling another process's HTTP endpoint
+            model = fleet.served_model()
+            for i in range(4):
+                prompt = BASE + f"variant {i % 2} " + "y" * (10 + 9 * i)
+                ids = mon._kv_routing().tokens(None, prompt, None)[0]
+                full = len(block_hashes(ids, 16))
+                status, body = _complete(fleet.http_port, model, prompt)
+                assert status == 200, body
+                ok = mon.wait_for(lambda: max(mon.prefix_overlap(prompt=prompt).values(), default=0) >= full, 15)
+                assert ok, (release, prompt[:40], mon.prefix_overlap(prompt=prompt), mon.health().kv, fleet.logs())
+            kv = mon.health().kv
+            assert kv is not None and kv.state == "connected" and not kv.counters.get("malformed"), kv
+            assert all(v.complete for v in mon._kv_routing().index.slots()), mon._kv_routing().index.slots()
+            holders = {w for (w, _), n in mon.prefix_overlap(prompt=BASE + "variant 1 yyyyyyyyyyyyyyyyyyy").items()
+                       if n}
+            assert holders
+            for p in fleet.mockers:  # SIGTERM: from 0.8 a worker revokes its lease as it leaves
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
+            assert mon.wait_for(lambda: not mon.members(), 60)
+            assert mon.wait_for(lambda: not mon._kv_routing().index.worker_ids(), 10), mon.health().kv
+        finally:
+            fleet.stop()
+            assert mon.stop(10)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Optional, Tuple
 
 import attrs
 
@@ -67,6 +67,9 @@ class SourceConfigs:
     etcd: Optional[Any]
     nats: Optional[Any]
     zmq: Optional[Any]
+    # The KV events on NATS (kv_index=True): the same connection settings, their own subjects.
+    nats_kv: Optional[Any] = None
+    kv_stream_prefix: str = ""
 
 
 def source_configs(cfg: Any) -> SourceConfigs:
@@ -102,7 +105,9 @@ def source_configs(cfg: Any) -> SourceConfigs:
             pending_msgs_limit=n.pending_msgs_limit, backoff_initial=cfg.reconnect.initial,
             backoff_cap=cfg.reconnect.cap,
         )
-    return SourceConfigs(etcd, nats, zmq)
+    nats_kv = None if nats is None else attrs.evolve(nats, subjects=cfg.kv_subjects)
+    stream = f"namespace-{cfg.namespace}-component-" + (f"{cfg.component}-kv-events" if cfg.component else "")
+    return SourceConfigs(etcd, nats, zmq, nats_kv, stream)
 
 
 @attrs.frozen
@@ -113,20 +118,26 @@ class Sources:
     nats: Optional[Any]
     zmq: Optional[Any]
     kv: Optional[Any] = None
+    kv_nats: Optional[Any] = None
 
     def all(self) -> Tuple[Source, ...]:
-        return tuple(s for s in (self.etcd, self.nats, self.zmq, self.kv) if s is not None)
+        return tuple(s for s in (self.etcd, self.nats, self.zmq, self.kv, self.kv_nats) if s is not None)
 
 
 def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: threading.Event,
                   statuses: Dict[str, SourceStatus], on_ready: Dict[str, Callable[[], None]], limits: Any,
-                  nats_required: bool, kv_index: Any = None, kv_max_bytes: int = 4 << 20) -> Sources:
+                  nats_required: bool, kv_index: Any = None, kv_max_bytes: int = 4 << 20,
+                  kv_members: Optional[Callable[[], Collection[int]]] = None,
+                  kv_changed: Callable[[], None] = lambda: None) -> Sources:
     """Make the source threads for one monitor: each hands its updates to ``put`` through a backlog of its own.
 
     With the ZMQ plane in direct mode the etcd source also lists and watches
     the ``kv_metrics`` event channels, which it hands to the ZMQ source; with
     ``kv_index`` also the ``kv-events`` channels, for the KV-events source
-    (which writes ``kv_index``; status ``statuses["kv"]``).
+    (which writes ``kv_index``; status ``statuses["kv"]``).  With NATS and
+    ``kv_index`` a second KV-events source follows them on NATS (status
+    ``statuses["kv-nats"]``; ``kv_members`` says who is a member now).  Both
+    call ``kv_changed`` after they change the index.
     """
     from .._model import ChannelDelete, ChannelListing
     from .._parse import parse_channel
@@ -162,7 +173,7 @@ def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: 
         from .kvevents import KvEventsSource
 
         kz = attrs.evolve(cfgs.zmq, topic=KV_EVENTS, max_load_bytes=kv_max_bytes)
-        kv = KvEventsSource(kz, kv_index, stopping, on_ready.get("kv", lambda: None), statuses["kv"])
+        kv = KvEventsSource(kz, kv_index, stopping, on_ready.get("kv", lambda: None), statuses["kv"], kv_changed)
         max_bytes_kv = cfgs.etcd.max_card_bytes
         extra.append(Watched(
             name="kv-channel",
@@ -179,4 +190,11 @@ def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: 
     if cfgs.nats is not None:
         nats = NatsSource(cfgs.nats, put, Backlog(limits.max_queued_messages, limits.max_queued_bytes), stopping,
                           on_ready["nats"], statuses["nats"], limits.max_load_bytes, report_feed=nats_required)
-    return Sources(etcd, nats, zmq, kv)
+    kv_nats = None
+    if kv_index is not None and cfgs.nats_kv is not None:
+        from .kvevents import KvNatsSource
+
+        assert kv_members is not None
+        kv_nats = KvNatsSource(cfgs.nats_kv, kv_index, kv_members, cfgs.kv_stream_prefix, stopping,
+                               statuses["kv-nats"], kv_max_bytes, report_errors=nats_required, on_change=kv_changed)
+    return Sources(etcd, nats, zmq, kv, kv_nats)

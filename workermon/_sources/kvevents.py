@@ -1,4 +1,4 @@
-"""The KV-events source thread: what each worker caches, for ``WorkerMonitor(kv_index=True)``.
+"""The KV-events source threads: what each worker caches, for ``WorkerMonitor(kv_index=True)``.
 
 ``workermon-kv-events`` follows the ``kv-events`` event channels the etcd
 source finds (Dynamo 1.6's ZMQ plane, DYNAMO-KV.md §1–2) exactly as the ZMQ
@@ -8,42 +8,59 @@ channel's endpoint while its key exists.  Each message is checked against the
 arrival order (the index has its own lock; the busy rule's reducer is not
 involved).  A channel whose key goes (lease expiry, deregistration) takes its
 worker's blocks out of the index.  Bad messages are counted and dropped.
+
+``workermon-kv-events-nats`` follows them where a fleet publishes them on NATS
+(``DYN_EVENT_PLANE=nats``; before 1.3 there was no other plane), on its own
+connection and loop, in each layout Dynamo has used (measured on 0.9.1 and
+1.0.2–1.6.1): the endpoint-scoped subject with an envelope holding an array
+of events (1.4 on), the component-scoped subject with an envelope holding one
+event (1.0–1.3), and, in 0.9, one JSON event per message on the subject of a
+JetStream stream (read as a plain subscriber: nothing is created on the
+server, and what was published before it connected is not replayed — those
+workers' views start incomplete).  Only members' events are applied (a late
+message of a worker that left cannot bring its blocks back), and once a second
+the index lets go of workers that are no longer members: on NATS nothing else
+says a worker left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from typing import Callable, List
+from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import msgspec
 
 from .._health import SourceStatus
-from .._kvindex import KvIndex, decode_kv_payload
-from .._parse import Malformed, parse_zmq_frames
+from .._kvindex import KvIndex, KvItem, decode_kv_json, decode_kv_payload
+from .._parse import KV_EVENTS, Malformed, parse_kv_envelope, parse_zmq_frames
 from .backlog import Backlog
+from .nats import NatsConfig, NatsSource
 from .zmq import ZmqConfig, ZmqSource
 from .zmtp import Subscriber
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KvEventsSource"]
+__all__ = ["KvEventsSource", "KvNatsSource", "decode_nats_kv"]
 
 
 class KvEventsSource(ZmqSource):
     """``workermon-kv-events``: applies every worker's KV events to ``index``."""
 
     def __init__(self, cfg: ZmqConfig, index: KvIndex, stopping: threading.Event, on_ready: Callable[[], None],
-                 status: SourceStatus) -> None:
+                 status: SourceStatus, on_change: Callable[[], None] = lambda: None) -> None:
         super().__init__(cfg, lambda _item: None, Backlog(1), stopping, on_ready, status)
         self.name = "workermon-kv-events"
         self.index = index
+        self._on_change = on_change  # the index changed: wakes the monitor's wait_for()
 
     def _drop_channel(self, sub: Subscriber, key: str) -> None:
         channel = self._channels.get(key)
         super()._drop_channel(sub, key)
         if channel is not None and not any(c.worker_id == channel.worker_id for c in self._channels.values()):
             self.index.drop_worker(channel.worker_id)  # the worker left: its blocks go with it
+            self._on_change()
 
     def _accept(self, messages: List[List[bytes]], errors: List[str]) -> None:
         status = self.status
@@ -65,3 +82,105 @@ class KvEventsSource(ZmqSource):
         if received:
             status.inc("messages", received)
             status.event()
+            self._on_change()
+
+
+def decode_nats_kv(subject: str, data: bytes, stream_prefix: str
+                   ) -> Optional[Tuple[Optional[int], List[KvItem]]]:
+    """One kv-events message from NATS: ``(publisher_id, events)``, in the layout its subject names; None
+    for a stream subject outside ``stream_prefix`` (another namespace or component).  Raises
+    :class:`Malformed` on a bad message."""
+    try:
+        if subject.startswith("namespace."):  # 1.0 on: the event-plane envelope
+            publisher_id, payload = parse_kv_envelope(data, KV_EVENTS)
+            return publisher_id, decode_kv_payload(payload)
+        if subject.startswith(stream_prefix):  # 0.9: one JSON event, no publisher
+            return None, decode_kv_json(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise Malformed("bad_payload", str(exc)[:200]) from None
+    return None
+
+
+class KvNatsSource(NatsSource):
+    """``workermon-kv-events-nats``: applies the KV events published on NATS to ``index``.
+
+    ``members()`` is the monitor's member set now (any thread); ``stream_prefix``
+    is what the JetStream-era subject's first token starts with for this scope.
+    """
+
+    PRUNE_INTERVAL = 1.0
+
+    def __init__(self, cfg: NatsConfig, index: KvIndex, members: Callable[[], Collection[int]],
+                 stream_prefix: str, stopping: threading.Event, status: SourceStatus, max_bytes: int,
+                 report_errors: bool, on_change: Callable[[], None] = lambda: None) -> None:
+        # Subscribed is a change too: a wait_for() on health().kv then wakes.
+        super().__init__(cfg, lambda _item: None, Backlog(1), stopping, on_change, status, max_bytes,
+                         report_feed=report_errors)
+        self.name = "workermon-kv-events-nats"
+        self.index = index
+        self._members = members
+        self._on_change = on_change
+        self._stream_prefix = stream_prefix
+        self._pending: List[Tuple[str, bytes]] = []
+        self._pruning: Optional[asyncio.TimerHandle] = None
+        self._warned: set[str] = set()
+
+    async def _on_msg(self, msg: Any) -> None:
+        data = msg.data
+        if len(data) > self._max_load_bytes:
+            self.status.inc("malformed_oversized")
+            return
+        self._pending.append((msg.subject, data))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
+            if self._pruning is None:
+                self._pruning = loop.call_later(self.PRUNE_INTERVAL, self._prune)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        status = self.status
+        members = self._members()
+        for subject, data in pending:
+            try:
+                decoded = decode_nats_kv(subject, data, self._stream_prefix)
+            except Malformed as exc:
+                self._malformed(exc)
+                continue
+            if decoded is None:
+                status.inc("other_streams")  # a *.kv-events subject of another scope
+                continue
+            publisher_id, items = decoded
+            kept = [item for item in items if item.worker_id in members]
+            if len(kept) < len(items):
+                status.inc("not_members", len(items) - len(kept))
+            if kept:
+                self.index.apply(kept, publisher_id)
+        status.inc("messages", len(pending))
+        status.event()
+        self._on_change()
+
+    def _prune(self) -> None:
+        """Once a second (on the loop): the blocks of workers that are no longer members go."""
+        self._pruning = None
+        members = self._members()
+        gone = [w for w in self.index.worker_ids() if w not in members]
+        for worker_id in gone:
+            self.index.drop_worker(worker_id)
+        if gone:
+            self._on_change()
+        if self.index.worker_ids():
+            loop = self._loop
+            if loop is not None and not self._stopping.is_set():
+                self._pruning = loop.call_later(self.PRUNE_INTERVAL, self._prune)
+
+    def _malformed(self, exc: Malformed) -> None:
+        self.status.inc("malformed")
+        self.status.inc(f"malformed_{exc.reason}")
+        if exc.reason not in self._warned:
+            self._warned.add(exc.reason)
+            log.warning("dropping a malformed kv-events message on NATS (%s); further ones are only counted", exc)
