@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import zmq
 
 from workermon import WorkerMonitor
 from workermon._sources.etcd import EtcdConfig, make_client
@@ -216,3 +219,27 @@ class LoopbackServer:
         self.server.server_close()
         self.thread.join(5)
 
+
+class ZmqBroker:
+    """A real XSUB/XPUB forwarder (what Dynamo's zmq_broker runs), on loopback."""
+
+    def __init__(self, ctx: zmq.Context) -> None:  # type: ignore[type-arg]
+        self.xsub = ctx.socket(zmq.XSUB)
+        self.xpub = ctx.socket(zmq.XPUB)
+        self.xsub_port = self.xsub.bind_to_random_port("tcp://127.0.0.1")
+        self.xpub_port = self.xpub.bind_to_random_port("tcp://127.0.0.1")
+        self.ctrl = ctx.socket(zmq.PAIR)
+        self.ctrl.bind(f"inproc://ctrl-{id(self)}")
+        self.ctrl_peer = ctx.socket(zmq.PAIR)
+        self.ctrl_peer.connect(f"inproc://ctrl-{id(self)}")
+        self.thread = threading.Thread(target=self._run, name="test-broker")
+        self.thread.start()
+
+    def _run(self) -> None:
+        zmq.proxy_steerable(self.xsub, self.xpub, None, self.ctrl_peer)
+
+    def close(self) -> None:
+        self.ctrl.send(b"TERMINATE")
+        self.thread.join(5)
+        for s in (self.xsub, self.xpub, self.ctrl, self.ctrl_peer):
+            s.close(linger=0)

@@ -183,6 +183,28 @@ def test_kv_events_on_nats_in_every_layout(release: str) -> None:
     assert other is None
 
 
+def test_kv_events_through_a_zmq_broker() -> None:
+    """1.6.1 through a broker: the topic frame is the full subject, which the source's pattern takes."""
+    from workermon._parse import KV_EVENTS, parse_zmq_frames
+    from workermon._sources.zmq import ZmqConfig
+
+    path = SAMPLES / "kv-broker-1.6.1.jsonl"
+    if not path.exists():
+        pytest.skip(f"no capture at {path}")
+    cfg = ZmqConfig(namespace="dynamo", broker=("tcp://127.0.0.1:1",), topic=KV_EVENTS)
+    assert cfg.subscription == b"namespace.dynamo.component."
+    index = KvIndex()
+    for line in path.read_text().splitlines():
+        frames = [bytes.fromhex(h) for h in json.loads(line)["frames"]]
+        assert cfg.subject_pattern().fullmatch(frames[0]), frames[0]
+        assert frames[0].startswith(cfg.subscription)
+        publisher_id, _seq, payload = parse_zmq_frames(frames, frames[0])
+        index.apply(decode_kv_payload(payload), publisher_id)
+    assert index.counters["events"] == 8 and index.counters["stored_blocks"] > 0
+    assert all(v.complete for v in index.slots()) and not index.counters.get("gaps")
+    assert not ZmqConfig(namespace="dynamo", broker=("tcp://h:1",)).subject_pattern().fullmatch(frames[0])
+
+
 def test_gap_late_start_and_new_publisher_mark_a_view_incomplete() -> None:
     idx = KvIndex()
     idx.apply(item(1, 1, stored([10, 11, 12])), publisher_id=7)

@@ -139,9 +139,7 @@ def test_kv_events_fill_the_index_bounded_and_leave_with_the_lease(etcd_server: 
 
 
 def _envelope(publisher_id: int, sequence: int, payload: Any) -> bytes:
-    return msgspec.msgpack.encode({"publisher_id": publisher_id, "sequence": sequence,
-                                   "published_at": int(time.time() * 1000), "topic": "kv-events",
-                                   "payload": msgspec.msgpack.encode(payload)})
+    return _envelope_raw(publisher_id, sequence, "kv-events", msgspec.msgpack.encode(payload))
 
 
 def _item(worker_id: int, event: Any) -> Any:
@@ -207,14 +205,74 @@ def test_kv_events_on_the_nats_plane_in_every_layout(etcd_server: EtcdServer, na
             w.stop()
 
 
-def test_kv_index_through_a_zmq_broker_says_it_is_empty(etcd_server: EtcdServer, namespace: str) -> None:
-    mon = WorkerMonitor([etcd_server.url], None, namespace=namespace, event_plane="zmq",
-                        zmq_broker_url="xsub=tcp://127.0.0.1:1, xpub=tcp://127.0.0.1:2", kv_index=True)
-    mon.start()
+def test_kv_events_through_zmq_brokers(etcd_server: EtcdServer, namespace: str) -> None:
+    """Broker mode (workers register no channels): the monitor takes its scope's ``…kv-events`` subjects
+    from both brokers, passes the workers' other topics by (not malformed), applies each event once,
+    ignores a stranger, and lets a departed worker's blocks go when the member set changes."""
+    from .helpers import ZmqBroker
+
+    ctx = zmq.Context()
+    brokers = [ZmqBroker(ctx), ZmqBroker(ctx)]
+    out = ctx.socket(zmq.PUB)
+    workers = [WorkerPublisher([etcd_server.url], namespace=namespace, total_kv_blocks=1000,
+                               event_plane="zmq").start() for _ in range(2)]
+    stay, leave = workers
+    url = (f"xsub=tcp://127.0.0.1:{brokers[0].xsub_port};tcp://127.0.0.1:{brokers[1].xsub_port} , "
+           f"xpub=tcp://127.0.0.1:{brokers[0].xpub_port};tcp://127.0.0.1:{brokers[1].xpub_port}")
+    mon = WorkerMonitor([etcd_server.url], None, namespace=namespace, event_plane="zmq", zmq_broker_url=url,
+                        kv_index=True)
     try:
-        assert mon.wait_for(lambda: mon.health().etcd.state == "connected", 10)
+        for b in brokers:
+            out.connect(f"tcp://127.0.0.1:{b.xsub_port}")
+        mon.start()
+        assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == {w.worker_id for w in workers}, 10)
+        base = f"namespace.{namespace}.component.backend.endpoint.generate."
+        seqs = {0xA1: 0, 0xB1: 0, 0xC1: 0}
+
+        def send(publisher_id: int, topic: str, worker_id: int, events: List[Any]) -> None:
+            payload = msgspec.msgpack.encode([_item(worker_id, e) for e in events])
+            env = _envelope_raw(publisher_id, seqs[publisher_id], topic, payload)
+            out.send_multipart([(base + topic).encode(), publisher_id.to_bytes(8, "big"),
+                                seqs[publisher_id].to_bytes(8, "big"), b"\x01" + len(env).to_bytes(4, "big") + env])
+            seqs[publisher_id] += 1
+
+        a, b = list(range(100, 148)), list(range(200, 248))
+        def counter(name: str) -> int:
+            return mon.health().kv.counters.get(name, 0)  # type: ignore[union-attr]
+
+        # No replay: resend the first events until the subscriptions are through both brokers (a copy
+        # through the second broker is a duplicate; the index applies each event once).
+        for _ in range(200):
+            send(0xA1, "kv-events", stay.worker_id, [stored(1, block_hashes(a, 16))])
+            send(0xB1, "kv-events", leave.worker_id, [stored(1, block_hashes(b, 16))])
+            if mon.wait_for(lambda: mon.prefix_overlap(a)[(stay.worker_id, 0)] == 3
+                            and mon.prefix_overlap(b)[(leave.worker_id, 0)] == 3
+                            and counter("index_duplicates") >= 2, 0.05):
+                break
+        assert mon.prefix_overlap(a)[(stay.worker_id, 0)] == 3 and mon.prefix_overlap(b)[(leave.worker_id, 0)] == 3
+        send(0xA1, "forward-pass-metrics", stay.worker_id, [])  # another topic of the same scope
+        send(0xC1, "kv-events", 0x5EED, [stored(1, block_hashes(a, 16))])  # a stranger
+        send(0xA1, "kv-events", stay.worker_id, [{"event_id": 2, "dp_rank": 0, "data": "cleared"}])
+        assert mon.wait_for(lambda: mon.prefix_overlap(a)[(stay.worker_id, 0)] == 0, 10)
+        assert mon.wait_for(lambda: counter("other_topics") >= 1 and counter("not_members") >= 1, 10)
         kv = mon.health().kv
-        assert kv is not None and "not through a ZMQ broker" in (kv.last_error or "")
-        assert not any(t.name.startswith("workermon-kv-events") for t in mon._threads)
+        assert kv is not None and kv.last_error is None and not kv.counters.get("malformed"), kv
+        assert 0x5EED not in mon._kv_routing().index.worker_ids()
+        assert not mon.health().zmq.counters.get("malformed")  # the load source passes kv-events by too
+
+        leave.stop()  # its lease goes: no longer a member, its blocks go too
+        assert mon.wait_for(lambda: leave.worker_id not in mon._kv_routing().index.worker_ids(), 10)
+        assert stay.worker_id in mon._kv_routing().index.worker_ids()
     finally:
         assert mon.stop(10)
+        out.close(linger=0)
+        for br in brokers:
+            br.close()
+        ctx.term()
+        for w in workers:
+            w.stop()
+
+
+def _envelope_raw(publisher_id: int, sequence: int, topic: str, payload: bytes) -> bytes:
+    return msgspec.msgpack.encode({"publisher_id": publisher_id, "sequence": sequence,
+                                   "published_at": int(time.time() * 1000), "topic": topic, "payload": payload})

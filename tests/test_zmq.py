@@ -9,7 +9,6 @@ frames and brokers.
 from __future__ import annotations
 
 import json
-import threading
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from workermon import WorkerMonitor, WorkerPublisher
 from workermon._parse import Malformed, parse_channel, parse_load, parse_zmq_frames
 from workermon._servers import EtcdServer, NatsServer, free_port
 
-from .helpers import Make, SAMPLES, wait_until
+from .helpers import SAMPLES, Make, ZmqBroker, wait_until
 
 
 
@@ -196,35 +195,10 @@ def test_unknown_publisher_is_counted_and_applied(zmon: Make, zpub: Any) -> None
 
 # --- broker mode ----------------------------------------------------------------------------
 
-class _Broker:
-    """A real XSUB/XPUB forwarder (what Dynamo's zmq_broker runs), on loopback."""
-
-    def __init__(self, ctx: zmq.Context) -> None:  # type: ignore[type-arg]
-        self.xsub = ctx.socket(zmq.XSUB)
-        self.xpub = ctx.socket(zmq.XPUB)
-        self.xsub_port = self.xsub.bind_to_random_port("tcp://127.0.0.1")
-        self.xpub_port = self.xpub.bind_to_random_port("tcp://127.0.0.1")
-        self.ctrl = ctx.socket(zmq.PAIR)
-        self.ctrl.bind(f"inproc://ctrl-{id(self)}")
-        self.ctrl_peer = ctx.socket(zmq.PAIR)
-        self.ctrl_peer.connect(f"inproc://ctrl-{id(self)}")
-        self.thread = threading.Thread(target=self._run, name="test-broker")
-        self.thread.start()
-
-    def _run(self) -> None:
-        zmq.proxy_steerable(self.xsub, self.xpub, None, self.ctrl_peer)
-
-    def close(self) -> None:
-        self.ctrl.send(b"TERMINATE")
-        self.thread.join(5)
-        for s in (self.xsub, self.xpub, self.ctrl, self.ctrl_peer):
-            s.close(linger=0)
-
-
 def test_broker_mode_dedups_across_brokers(zmon: Make, zpub: Any, namespace: str) -> None:
     pub = zpub()  # registers the card; its own XPUB is not used in broker mode
     ctx = zmq.Context()
-    brokers = [_Broker(ctx), _Broker(ctx)]
+    brokers = [ZmqBroker(ctx), ZmqBroker(ctx)]
     out = ctx.socket(zmq.PUB)
     try:
         for b in brokers:

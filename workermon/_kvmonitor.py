@@ -25,8 +25,6 @@ class KvMethods:
     _picker: Picker
     _kv_status: Any
     _kv_sources: Tuple[Any, ...]
-    _started: bool
-    static: bool
 
     def _kv_routing(self) -> KvRouting:
         if self._kv is None:
@@ -114,12 +112,7 @@ class KvMethods:
         index = self._kv.index
         counters = {**h.counters, **{f"index_{k}": v for k, v in index.counters.items()},
                     "index_entries": index.entries, "index_max_blocks": index.max_blocks}
-        error = h.last_error
-        if not self._kv_sources and self._started and not self.static:
-            # Said in words: otherwise every overlap is silently 0.
-            error = ("KV events are followed on NATS and on the ZMQ plane in direct mode, not through a ZMQ "
-                     "broker: this monitor's settings leave the KV index empty")
-        return SourceHealth(h.name, h.state, h.last_event_age, counters, error)
+        return SourceHealth(h.name, h.state, h.last_event_age, counters, h.last_error, h.endpoint)
 
 
 def _merged(views: Sequence[SourceHealth]) -> SourceHealth:

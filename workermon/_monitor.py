@@ -51,9 +51,10 @@ from ._model import (
 )
 from ._picker import Overflow, Picker, Reservation, Strategy, check_blocks
 from ._reduce import FleetState
-from ._sources import Source, build_sources, source_configs
+from ._sources import build_sources, source_configs
 from ._sources.etcd import EtcdSource
 from ._sources.nats import NatsSource
+from ._sources.kvevents import KvSource
 from ._sources.zmq import ZmqSource
 from ._tokens import Prompt
 from .options import EtcdOptions, KvOptions, Limits, NatsOptions, Reconnect
@@ -134,7 +135,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
         kv_opts = kv_index if isinstance(kv_index, KvOptions) else KvOptions() if kv_index else None
         self._kv = None if kv_opts is None else KvRouting(kv_opts, self._state, self._picker,
                                                          lambda: self._snapshot.members)
-        self._kv_sources: Tuple[Source, ...] = ()
+        self._kv_sources: Tuple[KvSource, ...] = ()
         self.event_plane: EventPlane = cfg.event_plane
         self.nats_required = cfg.nats_required
         self.static = cfg.static
@@ -212,6 +213,8 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
                 self._kv_changed)
             self._etcd, self._nats, self._zmq = sources.etcd, sources.nats, sources.zmq
             self._kv_sources = tuple(s for s in (sources.kv, sources.kv_nats) if s is not None)
+            if self._kv_sources:
+                self.add_listener(self._kv_members_listener())
             reducer = threading.Thread(target=self._run_reducer, name="workermon-reducer", daemon=True)
             self._threads = [reducer, *sources.all()]
             for thread in self._threads:
@@ -270,6 +273,20 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
             and self._nats_ready.is_set()
             and self._zmq_ready.is_set()
         )
+
+    def _kv_members_listener(self) -> Callable[[], None]:
+        """A snapshot listener that tells the KV-events sources when the member set changed (O(1): the
+        reducer keeps the member set's object while membership stays)."""
+        seen = [self._snapshot.members]
+
+        def listener() -> None:
+            members = self._snapshot.members
+            if members is not seen[0]:
+                seen[0] = members
+                for src in self._kv_sources:
+                    src.members_changed()
+
+        return listener
 
     def _kv_changed(self) -> None:
         # The KV index changed (a KV-events thread): wait_for() re-checks.

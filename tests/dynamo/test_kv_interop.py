@@ -156,8 +156,7 @@ def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monke
             assert re.search(r"kv rank 0: \d+ cached block\(s\)", out), out[-2000:]
 
             # Killed workers' blocks leave with their leases (1.6.1: 30 s).
-            holders = {w for (w, _), n in mon.prefix_overlap(prompt=prompts[-1]).items() if n}
-            assert holders
+            assert mon._kv_routing().index.worker_ids()
             for p in fleet.mockers:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
@@ -240,31 +239,64 @@ def test_kv_events_on_the_nats_plane_follow_what_workers_cache(release: str,
         fleet = DynamoFleet(python, release, etcd.url, nats.url, workers=2, blocks=256, busy_threshold=0.99,
                             event_plane="nats", frontend_args=("--router-mode", "kv"))
         try:
-            fleet.start()
-            assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 60), fleet.logs()
-            deadline = time.monotonic() + 60
-            while not fleet.models_listed() and time.monotonic() < deadline:
-                time.sleep(0.2)  # polling another process's HTTP endpoint
-            model = fleet.served_model()
-            for i in range(4):
-                prompt = BASE + f"variant {i % 2} " + "y" * (10 + 9 * i)
-                ids = mon._kv_routing().tokens(None, prompt, None)[0]
-                full = len(block_hashes(ids, 16))
-                status, body = _complete(fleet.http_port, model, prompt)
-                assert status == 200, body
-                ok = mon.wait_for(lambda: max(mon.prefix_overlap(prompt=prompt).values(), default=0) >= full, 15)
-                assert ok, (release, prompt[:40], mon.prefix_overlap(prompt=prompt), mon.health().kv, fleet.logs())
-            kv = mon.health().kv
-            assert kv is not None and kv.state == "connected" and not kv.counters.get("malformed"), kv
-            assert all(v.complete for v in mon._kv_routing().index.slots()), mon._kv_routing().index.slots()
-            holders = {w for (w, _), n in mon.prefix_overlap(prompt=BASE + "variant 1 yyyyyyyyyyyyyyyyyyy").items()
-                       if n}
-            assert holders
-            for p in fleet.mockers:  # SIGTERM: from 0.8 a worker revokes its lease as it leaves
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(30)
-            assert mon.wait_for(lambda: not mon.members(), 60)
-            assert mon.wait_for(lambda: not mon._kv_routing().index.worker_ids(), 10), mon.health().kv
+            _served_prompts_are_followed(mon, fleet)
         finally:
             fleet.stop()
             assert mon.stop(10)
+
+
+def test_kv_events_through_a_zmq_broker_follow_what_workers_cache(release: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DYN_ZMQ_BROKER_URL`` (workers publish to a broker and register no channels) with a kv-mode frontend."""
+    import zmq
+
+    from ..helpers import ZmqBroker
+
+    if version_tuple(release) < (1, 6):
+        pytest.skip("broker mode is measured on 1.6.1")
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE"):
+        monkeypatch.delenv(name, raising=False)
+    python = _python_for(release)
+    ctx = zmq.Context()
+    broker = ZmqBroker(ctx)
+    monkeypatch.setenv("DYN_ZMQ_BROKER_URL", f"xsub=tcp://127.0.0.1:{broker.xsub_port} , "
+                                             f"xpub=tcp://127.0.0.1:{broker.xpub_port}")
+    try:
+        with EtcdServer() as etcd:
+            mon = WorkerMonitor([etcd.url], None, event_plane="zmq", busy_threshold=0.99, kv_index=True).start()
+            fleet = DynamoFleet(python, release, etcd.url, None, workers=2, blocks=256, busy_threshold=0.99,
+                                event_plane=None, frontend_args=("--router-mode", "kv"))
+            try:
+                _served_prompts_are_followed(mon, fleet)
+                assert not mon.health().zmq.counters.get("malformed"), mon.health().zmq
+            finally:
+                fleet.stop()
+                assert mon.stop(10)
+    finally:
+        broker.close()
+        ctx.term()
+
+
+def _served_prompts_are_followed(mon: WorkerMonitor, fleet: DynamoFleet) -> None:
+    fleet.start()
+    assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 60), fleet.logs()
+    deadline = time.monotonic() + 60
+    while not fleet.models_listed() and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling another process's HTTP endpoint
+    model = fleet.served_model()
+    for i in range(4):
+        prompt = BASE + f"variant {i % 2} " + "y" * (10 + 9 * i)
+        full = len(block_hashes(mon._kv_routing().tokens(None, prompt, None)[0], 16))
+        status, body = _complete(fleet.http_port, model, prompt)
+        assert status == 200, body
+        ok = mon.wait_for(lambda: max(mon.prefix_overlap(prompt=prompt).values(), default=0) >= full, 15)
+        assert ok, (fleet.version, prompt[:40], mon.prefix_overlap(prompt=prompt), mon.health().kv, fleet.logs())
+    kv = mon.health().kv
+    assert kv is not None and kv.state == "connected" and not kv.counters.get("malformed"), kv
+    assert all(v.complete for v in mon._kv_routing().index.slots()), mon._kv_routing().index.slots()
+    assert mon._kv_routing().index.worker_ids()
+    for p in fleet.mockers:  # SIGTERM: from 0.8 a worker revokes its lease as it leaves
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(30)
+    assert mon.wait_for(lambda: not mon.members(), 60)
+    assert mon.wait_for(lambda: not mon._kv_routing().index.worker_ids(), 10), mon.health().kv

@@ -168,23 +168,25 @@ def build_sources(cfgs: SourceConfigs, put: Callable[[object], None], stopping: 
                 backlogged=False,
             ))
     kv = None
-    if kv_index is not None and cfgs.zmq is not None and not cfgs.zmq.broker:
+    if kv_index is not None and cfgs.zmq is not None:
         from .._parse import KV_EVENTS
         from .kvevents import KvEventsSource
 
         kz = attrs.evolve(cfgs.zmq, topic=KV_EVENTS, max_load_bytes=kv_max_bytes)
-        kv = KvEventsSource(kz, kv_index, stopping, on_ready.get("kv", lambda: None), statuses["kv"], kv_changed)
-        max_bytes_kv = cfgs.etcd.max_card_bytes
-        extra.append(Watched(
-            name="kv-channel",
-            prefix=EVENT_CHANNELS,
-            parse=lambda k, v, lease, _created: parse_channel(k, v, lease, max_bytes_kv, kz.namespace, kz.component,
-                                                             kz.endpoint, topic_name=KV_EVENTS),
-            delete=lambda key: ChannelDelete(key=key),
-            listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
-            emit=kv.channel_update,
-            backlogged=False,
-        ))
+        kv = KvEventsSource(kz, kv_index, stopping, on_ready.get("kv", lambda: None), statuses["kv"], kv_changed,
+                            kv_members)
+        if not kz.broker:  # direct mode: the kv-events channels say where to connect
+            max_bytes_kv = cfgs.etcd.max_card_bytes
+            extra.append(Watched(
+                name="kv-channel",
+                prefix=EVENT_CHANNELS,
+                parse=lambda k, v, lease, _created: parse_channel(k, v, lease, max_bytes_kv, kz.namespace,
+                                                                 kz.component, kz.endpoint, topic_name=KV_EVENTS),
+                delete=lambda key: ChannelDelete(key=key),
+                listing=lambda items, rev, bad: ChannelListing(channels=items, revision=rev, malformed_keys=bad),
+                emit=kv.channel_update,
+                backlogged=False,
+            ))
     etcd = EtcdSource(cfgs.etcd, put, stopping, statuses["etcd"], Backlog(limits.max_queued_messages), extra)
     nats = None
     if cfgs.nats is not None:

@@ -3,7 +3,8 @@
 ``workermon-kv-events`` follows the ``kv-events`` event channels the etcd
 source finds (Dynamo 1.6's ZMQ plane, DYNAMO-KV.md §1–2) exactly as the ZMQ
 source follows ``kv_metrics``: one ZMTP subscriber, connected to each
-channel's endpoint while its key exists.  Each message is checked against the
+channel's endpoint while its key exists (through a ZMQ broker: to the
+brokers, taking the ``…kv-events`` subjects).  Each message is checked against the
 4-frame layout, its payload decoded and applied to the :class:`KvIndex` in
 arrival order (the index has its own lock; the busy rule's reducer is not
 involved).  A channel whose key goes (lease expiry, deregistration) takes its
@@ -18,9 +19,9 @@ event (1.0–1.3), and, in 0.9, one JSON event per message on the subject of a
 JetStream stream (read as a plain subscriber: nothing is created on the
 server, and what was published before it connected is not replayed — those
 workers' views start incomplete).  Only members' events are applied (a late
-message of a worker that left cannot bring its blocks back), and once a second
-the index lets go of workers that are no longer members: on NATS nothing else
-says a worker left.
+message of a worker that left cannot bring its blocks back), and when the
+member set changes the index lets go of workers that are no longer members:
+on NATS (and through a ZMQ broker) nothing else says a worker left.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, Callable, Collection, List, Optional, Tuple
+from typing import Any, Callable, Collection, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -42,18 +43,40 @@ from .zmtp import Subscriber
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KvEventsSource", "KvNatsSource", "decode_nats_kv"]
+__all__ = ["KvEventsSource", "KvNatsSource", "KvSource", "decode_nats_kv", "members_only", "prune_departed"]
 
 
 class KvEventsSource(ZmqSource):
-    """``workermon-kv-events``: applies every worker's KV events to ``index``."""
+    """``workermon-kv-events``: applies every worker's KV events to ``index``.
+
+    In direct mode it follows the ``kv-events`` channels; through a broker
+    (which registers no channels) it takes the ``…kv-events`` subjects of its
+    scope, applies only members' events (``members()``, any thread) and lets
+    departed workers' blocks go when the member set changes.
+    """
 
     def __init__(self, cfg: ZmqConfig, index: KvIndex, stopping: threading.Event, on_ready: Callable[[], None],
-                 status: SourceStatus, on_change: Callable[[], None] = lambda: None) -> None:
+                 status: SourceStatus, on_change: Callable[[], None] = lambda: None,
+                 members: Optional[Callable[[], Collection[int]]] = None) -> None:
         super().__init__(cfg, lambda _item: None, Backlog(1), stopping, on_ready, status)
         self.name = "workermon-kv-events"
         self.index = index
         self._on_change = on_change  # the index changed: wakes the monitor's wait_for()
+        self._members = members if cfg.broker else None
+        self._prune_wanted = False
+
+    def members_changed(self) -> None:
+        """The monitor's member set changed (any thread; never blocks)."""
+        if self._members is not None:
+            self._prune_wanted = True
+            self._poke()
+
+    def _apply_inbox(self, sub: Subscriber) -> None:
+        if self._prune_wanted and self._members is not None:
+            self._prune_wanted = False  # before reading the members: a later change pokes again
+            if prune_departed(self.index, self._members()):
+                self._on_change()
+        super()._apply_inbox(sub)
 
     def _drop_channel(self, sub: Subscriber, key: str) -> None:
         channel = self._channels.get(key)
@@ -64,12 +87,15 @@ class KvEventsSource(ZmqSource):
 
     def _accept(self, messages: List[List[bytes]], errors: List[str]) -> None:
         status = self.status
-        topic = self._cfg.subscription
+        members = self._members() if self._members is not None else None
         for reason in errors:
             self._malformed(Malformed(reason, "read past on the wire"))
         for frames in messages:
+            expected = self._expected_topic(frames)
+            if expected is None:
+                continue
             try:
-                publisher_id, _sequence, payload = parse_zmq_frames(frames, topic, self._cfg.max_load_bytes)
+                publisher_id, _sequence, payload = parse_zmq_frames(frames, expected, self._cfg.max_load_bytes)
                 items = decode_kv_payload(payload)
             except Malformed as exc:
                 self._malformed(exc)
@@ -77,12 +103,34 @@ class KvEventsSource(ZmqSource):
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 self._malformed(Malformed("bad_payload", str(exc)[:200]))
                 continue
-            self.index.apply(items, publisher_id)
+            if members is not None:
+                items = members_only(items, members, status)
+            if items:
+                # Through several brokers a message comes once per broker: the index drops the
+                # repeats by event id (``index_duplicates``).
+                self.index.apply(items, publisher_id)
         received = len(messages) + len(errors)
         if received:
             status.inc("messages", received)
             status.event()
             self._on_change()
+
+
+def members_only(items: List[KvItem], members: Collection[int], status: SourceStatus) -> List[KvItem]:
+    """The events of workers that are members (a late message of a worker that left cannot bring its
+    blocks back); the rest counted as ``not_members``."""
+    kept = [item for item in items if item.worker_id in members]
+    if len(kept) < len(items):
+        status.inc("not_members", len(items) - len(kept))
+    return kept
+
+
+def prune_departed(index: KvIndex, members: Collection[int]) -> bool:
+    """Let go of the blocks of workers that are no longer members; whether any went."""
+    gone = [w for w in index.worker_ids() if w not in members]
+    for worker_id in gone:
+        index.drop_worker(worker_id)
+    return bool(gone)
 
 
 def decode_nats_kv(subject: str, data: bytes, stream_prefix: str
@@ -108,8 +156,6 @@ class KvNatsSource(NatsSource):
     is what the JetStream-era subject's first token starts with for this scope.
     """
 
-    PRUNE_INTERVAL = 1.0
-
     def __init__(self, cfg: NatsConfig, index: KvIndex, members: Callable[[], Collection[int]],
                  stream_prefix: str, stopping: threading.Event, status: SourceStatus, max_bytes: int,
                  report_errors: bool, on_change: Callable[[], None] = lambda: None) -> None:
@@ -122,7 +168,6 @@ class KvNatsSource(NatsSource):
         self._on_change = on_change
         self._stream_prefix = stream_prefix
         self._pending: List[Tuple[str, bytes]] = []
-        self._pruning: Optional[asyncio.TimerHandle] = None
         self._warned: set[str] = set()
 
     async def _on_msg(self, msg: Any) -> None:
@@ -133,10 +178,7 @@ class KvNatsSource(NatsSource):
         self._pending.append((msg.subject, data))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush)
-            if self._pruning is None:
-                self._pruning = loop.call_later(self.PRUNE_INTERVAL, self._prune)
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -155,28 +197,25 @@ class KvNatsSource(NatsSource):
                 status.inc("other_streams")  # a *.kv-events subject of another scope
                 continue
             publisher_id, items = decoded
-            kept = [item for item in items if item.worker_id in members]
-            if len(kept) < len(items):
-                status.inc("not_members", len(items) - len(kept))
+            kept = members_only(items, members, status)
             if kept:
                 self.index.apply(kept, publisher_id)
         status.inc("messages", len(pending))
         status.event()
         self._on_change()
 
+    def members_changed(self) -> None:
+        """The monitor's member set changed (any thread; never blocks): prune on the loop."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._prune)
+            except RuntimeError:
+                pass  # the loop is closed: stopping
+
     def _prune(self) -> None:
-        """Once a second (on the loop): the blocks of workers that are no longer members go."""
-        self._pruning = None
-        members = self._members()
-        gone = [w for w in self.index.worker_ids() if w not in members]
-        for worker_id in gone:
-            self.index.drop_worker(worker_id)
-        if gone:
+        if prune_departed(self.index, self._members()):
             self._on_change()
-        if self.index.worker_ids():
-            loop = self._loop
-            if loop is not None and not self._stopping.is_set():
-                self._pruning = loop.call_later(self.PRUNE_INTERVAL, self._prune)
 
     def _malformed(self, exc: Malformed) -> None:
         self.status.inc("malformed")
@@ -184,3 +223,6 @@ class KvNatsSource(NatsSource):
         if exc.reason not in self._warned:
             self._warned.add(exc.reason)
             log.warning("dropping a malformed kv-events message on NATS (%s); further ones are only counted", exc)
+
+
+KvSource = Union[KvEventsSource, KvNatsSource]  # either plane's KV-events thread

@@ -82,7 +82,7 @@ class ZmqConfig:
         if self.component is not None:
             prefix += f"{self.component}.endpoint."
             if self.endpoint is not None:
-                prefix += f"{self.endpoint}.{KV_METRICS}"
+                prefix += f"{self.endpoint}.{self.topic}"
         return prefix.encode()
 
     def subject_pattern(self) -> "re.Pattern[bytes]":
@@ -90,7 +90,8 @@ class ZmqConfig:
         c = re.escape(self.component.encode()) if self.component is not None else seg
         e = re.escape(self.endpoint.encode()) if self.endpoint is not None else seg
         ns = re.escape(self.namespace.encode())
-        return re.compile(rb"namespace\." + ns + rb"\.component\." + c + rb"\.endpoint\." + e + rb"\.kv_metrics")
+        topic = re.escape(self.topic.encode())
+        return re.compile(rb"namespace\." + ns + rb"\.component\." + c + rb"\.endpoint\." + e + rb"\." + topic)
 
 
 class ZmqSource(Source):
@@ -117,6 +118,7 @@ class ZmqSource(Source):
         self._seen: "OrderedDict[Tuple[int, int], None]" = OrderedDict()
         self._listed = False
         self._pattern = cfg.subject_pattern()
+        self._scope = re.compile(re.escape(cfg.subscription) + rb"[^\s]*\.[A-Za-z0-9_-]+$")
         self._warned: set[str] = set()
 
     # --- from other threads -----------------------------------------------------
@@ -276,8 +278,6 @@ class ZmqSource(Source):
         cfg = self._cfg
         status = self.status
         broker = bool(cfg.broker)
-        topic = cfg.subscription
-        pattern = self._pattern
         seen = self._seen
         publishers = self._publishers
         batch: List[bytes] = []
@@ -286,10 +286,10 @@ class ZmqSource(Source):
         for reason in errors:
             self._malformed(Malformed(reason, "read past on the wire"))
         for frames in messages:
+            expected = self._expected_topic(frames)
+            if expected is None:
+                continue
             try:
-                expected = topic
-                if broker:
-                    expected = frames[0] if frames and pattern.fullmatch(frames[0]) else b"\0"
                 publisher_id, sequence, payload = parse_zmq_frames(frames, expected, cfg.max_load_bytes)
             except Malformed as exc:
                 self._malformed(exc)
@@ -318,6 +318,21 @@ class ZmqSource(Source):
             status.inc("dropped_backlog", dropped)
         if kept:
             self._emit(PayloadBatch(self.backlog, kept, kept_bytes, bare=True))
+
+    def _expected_topic(self, frames: List[bytes]) -> Optional[bytes]:
+        """The topic frame this message must carry; None (counted) for a broker's other topics.
+
+        Through a broker the subscription is a prefix of whole subjects, so it
+        also receives the workers' other topics (forward-pass metrics, …):
+        those are no concern of this source, not malformed."""
+        if not self._cfg.broker:
+            return self._cfg.subscription
+        if frames and self._pattern.fullmatch(frames[0]):
+            return bytes(frames[0])
+        if frames and self._scope.match(frames[0]):
+            self.status.inc("other_topics")
+            return None
+        return b"\0"  # not a subject of this scope: malformed (wrong_topic)
 
     def _malformed(self, exc: Malformed) -> None:
         status = self.status
