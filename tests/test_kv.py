@@ -205,6 +205,21 @@ def test_kv_events_through_a_zmq_broker() -> None:
     assert not ZmqConfig(namespace="dynamo", broker=("tcp://h:1",)).subject_pattern().fullmatch(frames[0])
 
 
+def test_a_departing_worker_takes_the_blocks_of_every_rank_and_only_its_own() -> None:
+    idx = KvIndex()
+    idx.apply(item(1, 1, stored([10, 11, 12]), rank=0))
+    idx.apply(item(1, 1, stored([10, 11]), rank=1, tier="host_pinned"))
+    idx.apply(item(2, 1, stored([10, 11])))  # shares the first two blocks with worker 1
+    assert idx.entries == 7 and idx.worker_ids() == {1, 2}
+    idx.drop_worker(1)
+    assert idx.entries == 2 and idx.worker_ids() == {2} and idx.counters["workers_dropped"] == 1
+    assert idx.overlaps([10, 11, 12]) == {(2, 0): 2} and idx.overlaps([10], "host_pinned") == {}
+    idx.apply(item(3, 1, stored([10])))  # a freed slot bit is reused without ghosts
+    assert idx.overlaps([10, 11]) == {(2, 0): 2, (3, 0): 1}
+    idx.drop_worker(1)  # again: nothing to do, nothing counted
+    assert idx.counters["workers_dropped"] == 1
+
+
 def test_gap_late_start_and_new_publisher_mark_a_view_incomplete() -> None:
     idx = KvIndex()
     idx.apply(item(1, 1, stored([10, 11, 12])), publisher_id=7)
@@ -306,7 +321,7 @@ def test_kv_cost_prefers_the_cached_prefix_until_load_outweighs_it() -> None:
     kv.index.apply(item(1, 1, stored(block_hashes(prompt, 4)[:8])))  # worker 1 holds 8 of them
     assert kv.prefix_overlap(block_hashes(prompt, 4), "m") == {(1, 0): 8, (2, 0): 0}
     chosen = _pick(kv, picker, prompt)
-    assert chosen is not None and chosen[0] == 1 and "holds 8" in chosen[2]()
+    assert chosen is not None and chosen.worker_id == 1 and "holds 8" in chosen.reason()
     # cost(1) = (10 - 8) + 0 + 10 booked + 10 = 22 ; cost(2) = 10 + 0 + 10 = 20: the booking tips it.
     second = _pick(kv, picker, prompt)
     assert second is not None and second[0] == 2
