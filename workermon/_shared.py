@@ -13,7 +13,7 @@ The socket carries only what is rare — ``why()``, ``load_states()``,
 ``health()``, ``set_thresholds()`` (waiting at most ``request_timeout``), and a
 529's ``overloaded()`` (sent without waiting).  Nothing on a request thread
 blocks on the agent: sends go through a bounded outbox the connection thread
-flushes.
+flushes (:class:`~workermon._sharedlink.AgentLink`).
 
 When the agent is gone, hung or restarting: reads keep serving the last state;
 ``ready`` and ``wait_ready()`` turn False (a hung agent within ``hung_after``
@@ -49,6 +49,7 @@ from ._model import (
     normalize_worker_id,
 )
 from ._picker import OVERFLOW, STRATEGIES, Overflow, Reservation, Strategy, check_blocks
+from ._sharedlink import AgentLink
 from ._sharedpick import SharedPicker
 from ._protocol import (
     MAX_REPLY,
@@ -56,7 +57,6 @@ from ._protocol import (
     FrameReader,
     check_socket_file,
     default_socket_path,
-    encode_frame,
     peer_uid,
 )
 from ._reduce import Counters
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AgentUnavailable", "SharedMonitor"]
 
-_MAX_OUTBOX = 1 << 20  # bytes waiting for the agent; past it a message is dropped (counted), never waited for
 
 
 class AgentUnavailable(RuntimeError):
@@ -135,12 +134,7 @@ class SharedMonitor(BaseMonitor):
         self._started = False
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
-        self._sock: Optional[sockets.socket] = None
-        self._send_lock = threading.Lock()
-        self._outbox = bytearray()
         self._waker = Waker()
-        self._waiting: Dict[int, List[Any]] = {}  # request id -> [event, reply]
-        self._ids = 0
         self._callbacks: Tuple[CallbackHandle, ...] = ()
         self._pending_initial: List[CallbackHandle] = []
         # Workers this process saw answer 529: worker -> until (the agent's hold reaches the
@@ -148,6 +142,7 @@ class SharedMonitor(BaseMonitor):
         self._local_holds: Dict[int, float] = {}
         self._fleet: Optional[SharedFleet] = None  # the agent's mapping (owned by the picker once attached)
         self.counters = Counters()
+        self._link = AgentLink(self.counters, self._waker.poke)
         self.last_error: Optional[str] = None
         self._last_state_at: Optional[float] = None
         self._owner_pid = os.getpid()
@@ -182,7 +177,7 @@ class SharedMonitor(BaseMonitor):
             self._stopping.set()
         if self._forked_from is not None:
             return True
-        self._poke()
+        self._waker.poke()
         with self._changed:
             self._changed.notify_all()
         thread = self._thread
@@ -206,7 +201,7 @@ class SharedMonitor(BaseMonitor):
         chosen = self._picker.pick(self._snapshot.free_order, book=True, strategy=strategy,
                                    exclude=self._excluded(exclude), blocks=blocks, model=model,
                                    worker_type=worker_type)
-        return None if chosen is None else chosen[3]
+        return None if chosen is None else chosen.reservation
 
     def select(self, *, strategy: Optional[str] = None, exclude: Collection[int] = (), blocks: Optional[int] = None,
                model: Optional[str] = None, worker_type: Optional[str] = None) -> Optional[int]:
@@ -216,7 +211,7 @@ class SharedMonitor(BaseMonitor):
         chosen = self._picker.pick(self._snapshot.free_order, book=False, strategy=strategy,
                                    exclude=self._excluded(exclude), blocks=blocks, model=model,
                                    worker_type=worker_type)
-        return None if chosen is None else chosen[0]
+        return None if chosen is None else chosen.worker_id
 
     def _excluded(self, exclude: Collection[int]) -> Collection[int]:
         if not self._local_holds:
@@ -240,7 +235,7 @@ class SharedMonitor(BaseMonitor):
         worker_id = normalize_worker_id(check_worker_id(worker_id))
         if self.overload_hold > 0:
             self._local_holds[worker_id] = time.monotonic() + self.overload_hold
-        self._send({"t": "overloaded", "worker_id": worker_id})
+        self._link.send({"t": "overloaded", "worker_id": worker_id})
 
     # --- requests answered by the agent ---------------------------------------------------
 
@@ -313,7 +308,7 @@ class SharedMonitor(BaseMonitor):
             self._callbacks = self._callbacks + (handle,)
             if self._started and not self._stopped:
                 self._pending_initial.append(handle)
-        self._poke()
+        self._waker.poke()
         return handle
 
     # --- the connection thread --------------------------------------------------------
@@ -357,9 +352,7 @@ class SharedMonitor(BaseMonitor):
             self._note_error(f"cannot connect to {self.socket_path}: {exc}")
             return None
         sock.setblocking(False)
-        with self._send_lock:
-            self._sock = sock
-            self._outbox.clear()
+        self._link.attach(sock)
         self._connected = True
         self._hung = False
         self.counters.inc("connects")
@@ -367,13 +360,10 @@ class SharedMonitor(BaseMonitor):
 
     def _disconnected(self, sock: sockets.socket) -> None:
         self._picker.detach()
-        with self._send_lock:
-            self._sock = None
-            self._outbox.clear()
+        self._link.detach()
         self._connected = False
         self._agent_ready = False
         sock.close()
-        self._fail_waiters()
         with self._changed:
             self._changed.notify_all()
 
@@ -411,14 +401,14 @@ class SharedMonitor(BaseMonitor):
                 now = time.monotonic()
                 if now - last_ping >= 1.0:
                     last_ping = now
-                    self._send({"t": "ping"})
+                    self._link.send({"t": "ping"})
                 if now - last_rx > self.hung_after and not self._hung:
                     self._hung = True  # it does not answer our pings: not ready, picking goes on
                     self.counters.inc("hung")
                     self._note_error(f"the agent at {self.socket_path} has not answered for {self.hung_after:g} s")
                     with self._changed:
                         self._changed.notify_all()
-                writing = self._flush(sock, sel, writing)
+                writing = self._link.flush(sock, sel, writing)
                 self._deliver_initial()
         finally:
             sel.close()
@@ -428,10 +418,7 @@ class SharedMonitor(BaseMonitor):
         if t == "state":
             self._apply_state(msg)
         elif t == "reply":
-            slot = self._waiting.pop(msg.get("id"), None)  # type: ignore[arg-type]
-            if slot is not None:
-                slot[1] = msg
-                slot[0].set()
+            self._link.reply(msg)
         elif t == "hello":
             self._hello(msg)
         elif t == "pong":
@@ -520,63 +507,12 @@ class SharedMonitor(BaseMonitor):
                     self.counters.inc("callback_errors")
                     log.exception("workermon callback %r raised", handle)
 
-    def _poke(self) -> None:
-        self._waker.poke()
-
-    # --- sending: never blocking a request thread -------------------------------------------
-
-    def _send(self, msg: Dict[str, Any]) -> bool:
-        frame = encode_frame(msg)
-        with self._send_lock:
-            sock = self._sock
-            if sock is None:
-                return False
-            if len(self._outbox) + len(frame) > _MAX_OUTBOX:
-                self.counters.inc("send_dropped")
-                return False
-            self._outbox += frame
-            try:
-                n = sock.send(self._outbox)
-                del self._outbox[:n]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return False
-            pending = bool(self._outbox)
-        if pending:
-            self._poke()  # the connection thread flushes the rest when the socket has room
-        return True
-
-    def _flush(self, sock: sockets.socket, sel: selectors.BaseSelector, writing: bool) -> bool:
-        with self._send_lock:
-            if self._outbox:
-                try:
-                    n = sock.send(self._outbox)
-                    del self._outbox[:n]
-                except (BlockingIOError, InterruptedError):
-                    pass
-            want = bool(self._outbox)
-        if want != writing:
-            sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0), "sock")
-        return want
+    # --- requests: never blocking a request thread beyond request_timeout ---------------------
 
     def _ask(self, msg: Dict[str, Any], timeout: float) -> Optional[Dict[str, Any]]:
         if not self._connected or self._hung:
             return None
-        with self._send_lock:
-            self._ids += 1
-            rid = self._ids
-        slot: List[Any] = [threading.Event(), None]
-        self._waiting[rid] = slot
-        msg["id"] = rid
-        if not self._send(msg):
-            self._waiting.pop(rid, None)
-            return None
-        if not slot[0].wait(timeout):
-            self._waiting.pop(rid, None)
-            self.counters.inc("timeouts")
-            return None
-        return slot[1]  # type: ignore[no-any-return]
+        return self._link.ask(msg, timeout)
 
     def _require(self, msg: Dict[str, Any], key: str = "value") -> Any:
         reply = self._ask(msg, self.request_timeout)
@@ -586,11 +522,6 @@ class SharedMonitor(BaseMonitor):
         if "error" in reply:
             raise ValueError(reply["error"])
         return reply[key]
-
-    def _fail_waiters(self) -> None:
-        for slot in list(self._waiting.values()):
-            slot[0].set()
-        self._waiting.clear()
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:
