@@ -45,7 +45,7 @@ def put(wid: int, total: Optional[int] = 100, **card: Any) -> CardPut:
 
 def reserve(p: Picker, **kw: Any) -> Optional[Reservation]:
     chosen = p.pick(book=True, **kw)
-    return None if chosen is None else chosen[3]
+    return None if chosen is None else chosen.reservation
 
 
 # --- the credit rule ----------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_every_strategy_on_a_fixed_fleet() -> None:
     apply_all(s, loads, 0.0)
     assert s.busy == {D}
     # least_loaded: the lowest predicted utilisation.
-    assert p.pick(book=False, strategy="least_loaded")[0] == B  # type: ignore[index]
+    assert p.pick(book=False, strategy="least_loaded").worker_id == B  # type: ignore[union-attr]
     # round_robin: the free workers in turn (sorted ids), skipping the busy one; a dry run
     # (select) names the next one without moving the turn.
     rr = []
@@ -127,13 +127,13 @@ def test_every_strategy_on_a_fixed_fleet() -> None:
         rr.append(booked[0])
     assert rr == [A, B, C, A, B, C]
     # p2c: of two distinct random candidates, the lower predicted utilisation; never the worst one.
-    picks = Counter(p.pick(book=False, strategy="p2c")[0] for _ in range(300))  # type: ignore[index]
+    picks = Counter(p.pick(book=False, strategy="p2c").worker_id for _ in range(300))  # type: ignore[union-attr]
     assert set(picks) <= {B, C} and picks[B] > picks[C]
     # random: any free worker that can take it.
-    rnd = Counter(p.pick(book=False, strategy="random")[0] for _ in range(300))  # type: ignore[index]
+    rnd = Counter(p.pick(book=False, strategy="random").worker_id for _ in range(300))  # type: ignore[union-attr]
     assert set(rnd) == {A, B, C}
     chosen = p.pick(book=False, strategy="p2c")
-    assert chosen is not None and chosen[2]().startswith("p2c: ") and "util" in chosen[2]()
+    assert chosen is not None and chosen.reason().startswith("p2c: ") and "util" in chosen.reason()
 
 
 def test_unknown_strategy_and_bad_blocks() -> None:
@@ -148,7 +148,7 @@ def test_unknown_strategy_and_bad_blocks() -> None:
 
 def test_exclude_for_a_retry() -> None:
     s, p, _ = fleet(put(A), put(B))
-    assert {p.pick(book=False, exclude=(A,))[0] for _ in range(20)} == {B}  # type: ignore[index]
+    assert {p.pick(book=False, exclude=(A,)).worker_id for _ in range(20)} == {B}  # type: ignore[union-attr]
     assert p.pick(book=False, exclude=(A, B)) is None
 
 
@@ -180,8 +180,9 @@ def test_filters_from_the_card() -> None:
     s, p, _ = fleet(put(A, display_name="llama", worker_type="prefill"),
                     put(B, display_name="llama", worker_type="decode"),
                     put(C, display_name="qwen", worker_type="aggregated"))
-    assert {p.pick(book=False, model="qwen")[0] for _ in range(10)} == {C}  # type: ignore[index]
-    assert {p.pick(book=False, model="llama", worker_type="decode")[0] for _ in range(10)} == {B}  # type: ignore[index]
+    assert {p.pick(book=False, model="qwen").worker_id for _ in range(10)} == {C}  # type: ignore[union-attr]
+    picked = {p.pick(book=False, model="llama", worker_type="decode") for _ in range(10)}
+    assert {c.worker_id for c in picked if c is not None} == {B} and None not in picked
     assert p.pick(book=False, model="mistral") is None
 
 

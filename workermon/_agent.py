@@ -109,9 +109,9 @@ class _ShmWriter(threading.Thread):
         if run is None or slot is None:
             return 0
         row = self.fleet.read_slot(slot)
-        if row is None or row[1] != wid:
+        if row is None or row.worker_id != wid:
             return 0
-        i = rank - row[3]
+        i = rank - row.dp_start
         if not 0 <= i < run[1]:
             return 0
         return self.fleet.booked(run[0] + i, self.fleet.rank_seq(run[0] + i), procs_used)

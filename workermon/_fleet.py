@@ -7,11 +7,11 @@ whole values (see the picker's module docstring).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, NamedTuple, Optional, Set, Tuple
 
 from ._model import Card, Thresholds
 
-__all__ = ["Counters", "rank_verdict"]  # and the records, private to the reducer and its views
+__all__ = ["Counters", "RankVerdict", "rank_verdict"]  # and the records, private to the reducer and its views
 
 
 class Counters(Dict[str, int]):
@@ -45,7 +45,15 @@ class _Rank:
         self.queued = False
 
 
-def rank_verdict(r: _Rank, card: Card, th: Thresholds) -> Tuple[Optional[bool], bool, bool]:
+class RankVerdict(NamedTuple):
+    """The busy rule's answer for one rank: busy (True/False, None without data) and its hysteresis flags."""
+
+    verdict: Optional[bool]
+    kv_over: bool
+    decode_over: bool
+
+
+def rank_verdict(r: _Rank, card: Card, th: Thresholds) -> RankVerdict:
     """The busy rule for one rank, without changing it: ``(verdict, kv_over, decode_over)``.
 
     ``verdict`` is True/False when some configured rule has data for the
@@ -57,7 +65,7 @@ def rank_verdict(r: _Rank, card: Card, th: Thresholds) -> Tuple[Optional[bool], 
     if r.stale:
         # stale_policy="busy" fails closed; "ignore" drops the stale data
         # (kept, so that turning metrics_ttl off brings the last report back).
-        return (True if th.stale_policy == "busy" else None), kv_over, decode_over
+        return RankVerdict(True if th.stale_policy == "busy" else None, kv_over, decode_over)
     has_data = False
     over = False
     busy_threshold = th.busy_threshold
@@ -84,7 +92,7 @@ def rank_verdict(r: _Rank, card: Card, th: Thresholds) -> Tuple[Optional[bool], 
         if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
             has_data = True
             over = over or r.prefill > th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
-    return (over if has_data else None), kv_over, decode_over
+    return RankVerdict(over if has_data else None, kv_over, decode_over)
 
 
 class _Worker:

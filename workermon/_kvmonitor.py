@@ -12,9 +12,10 @@ import json
 import math
 from typing import Any, Collection, Dict, Optional, Sequence, Tuple, Union
 
-from ._health import SourceHealth
+from ._health import SourceHealth, SourceStatus
 from ._kvroute import KvRouting
 from ._picker import Picker, Reservation
+from ._sources.kvevents import KvSource
 from ._tokens import Prompt
 
 __all__ = ["KvMethods"]
@@ -23,8 +24,8 @@ __all__ = ["KvMethods"]
 class KvMethods:
     _kv: Optional[KvRouting]
     _picker: Picker
-    _kv_status: Any
-    _kv_sources: Tuple[Any, ...]
+    _kv_status: SourceStatus
+    _kv_sources: Tuple[KvSource, ...]
 
     def _kv_routing(self) -> KvRouting:
         if self._kv is None:
@@ -92,11 +93,12 @@ class KvMethods:
         ids, card = kv.tokens(tokens, prompt, model, tokenizer)
         local = kv.local_hashes(ids, card, lora_name, cache_salt)
         size = card.kv_cache_block_size
+        assert size  # local_hashes() refuses a card without one
         name = model if model is not None else card.display_name
         choose = kv.chooser(local, len(ids), size, exclude, name, worker_type)
         chosen = self._picker.pick(book=True, blocks=max(1, math.ceil(len(ids) / size)), choose_fn=choose,
                                    model=name, worker_type=worker_type)
-        res = None if chosen is None else chosen[3]
+        res = None if chosen is None else chosen.reservation
         if res is None:
             return None
         last = kv.last_pick

@@ -25,15 +25,17 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._kvhash import block_hashes, sequence_hashes
 from ._kvindex import KvIndex
-from ._picker import MAX_RANKS_SCANNED, unsigned_ids
+from ._model import Card
+from ._picker import MAX_RANKS_SCANNED, Chosen, Picker, unsigned_ids
+from ._reduce import FleetState
 from ._tokens import Prompt, Tokenizers
 from .options import KvOptions
 
-__all__ = ["KvRouting", "KvPick"]
+__all__ = ["KvPick", "KvRouting", "Tokenized"]
 
 Key = Tuple[int, int]
 
@@ -49,10 +51,18 @@ class KvPick:
         self.costs = costs
 
 
+class Tokenized(NamedTuple):
+    """A prompt's token ids and the card of the model they were tokenized for."""
+
+    ids: List[int]
+    card: Card
+
+
 class KvRouting:
     """The KV index, its options, the tokenizers and the last pick (for ``why()``)."""
 
-    def __init__(self, options: KvOptions, state: Any, picker: Any, members: Callable[[], FrozenSet[int]]) -> None:
+    def __init__(self, options: KvOptions, state: FleetState, picker: Picker,
+                 members: Callable[[], FrozenSet[int]]) -> None:
         self.options = options
         self.index = KvIndex(options.max_blocks)
         self.tokenizers = Tokenizers()
@@ -64,7 +74,7 @@ class KvRouting:
 
     # --- the prompt ------------------------------------------------------------------------------
 
-    def _card(self, model: Optional[str]) -> Any:
+    def _card(self, model: Optional[str]) -> Card:
         """A member's card for ``model`` (every admitted worker of a model shares the hashed fields)."""
         names = set()
         for wid in self._members():
@@ -83,19 +93,19 @@ class KvRouting:
         raise LookupError(f"no member serves model {model!r}")
 
     def tokens(self, tokens: Optional[Sequence[int]], prompt: Optional[Prompt], model: Optional[str],
-               tokenizer: Any = None) -> Tuple[List[int], Any]:
+               tokenizer: Any = None) -> Tokenized:
         """The token ids (given, or ``prompt`` tokenized by the model's own tokenizer) and the model's card."""
         if (tokens is None) == (prompt is None):
             raise TypeError("give tokens=… (token ids) or prompt=… (text or chat messages), one of them")
         card = self._card(model)
         if tokens is None:
             assert prompt is not None
-            return self.tokenizers.encode(prompt, card, model, tokenizer), card
+            return Tokenized(self.tokenizers.encode(prompt, card, model, tokenizer), card)
         if isinstance(tokens, (str, bytes)):
             raise TypeError("tokens= takes token ids; pass text as prompt=…")
-        return list(tokens), card
+        return Tokenized(list(tokens), card)
 
-    def local_hashes(self, tokens: Sequence[int], card: Any, lora_name: Optional[str],
+    def local_hashes(self, tokens: Sequence[int], card: Card, lora_name: Optional[str],
                      cache_salt: Optional[str]) -> List[int]:
         size = card.kv_cache_block_size
         if not size:
@@ -123,7 +133,7 @@ class KvRouting:
         return out
 
     def chooser(self, local: Sequence[int], isl_tokens: int, block_size: int, exclude: Collection[int],
-                model: Optional[str], worker_type: Optional[str]) -> Callable[[Tuple[int, ...]], Any]:
+                model: Optional[str], worker_type: Optional[str]) -> Callable[[Tuple[int, ...]], Chosen]:
         """A chooser for ``Picker.pick(choose_fn=…)``: the free rank of lowest cost."""
         opt = self.options
         isl_blocks = isl_tokens / block_size
@@ -136,7 +146,7 @@ class KvRouting:
         threshold = state.thresholds.busy_threshold
         steer = picker.overflow == "steer"
 
-        def choose(free: Tuple[int, ...]) -> Any:
+        def choose(free: Tuple[int, ...]) -> Chosen:
             largest = 0
             if opt.weigh_by_capacity:
                 for wid in free:

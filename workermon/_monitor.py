@@ -403,7 +403,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
             self._check_fork()
         chosen = self._picker.pick(book=False, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
                                    worker_type=worker_type)
-        return None if chosen is None else chosen[0]
+        return None if chosen is None else chosen.worker_id
 
     def reserve(
         self,
@@ -441,7 +441,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
             return self._reserve_kv(tokens, prompt, model, worker_type, exclude, lora_name, cache_salt, tokenizer)
         chosen = self._picker.pick(book=True, strategy=strategy, exclude=exclude, blocks=blocks, model=model,
                                    worker_type=worker_type)
-        return None if chosen is None else chosen[3]
+        return None if chosen is None else chosen.reservation
 
     def in_flight(self, worker_id: int) -> int:
         """Reservations held on ``worker_id`` now (expired ones dropped first).  Any thread."""

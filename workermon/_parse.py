@@ -11,7 +11,7 @@ where an integer is required while decoding, at the lowest cost measured
 
 from __future__ import annotations
 
-from typing import Annotated, Any, List, Optional, Tuple, Union
+from typing import Annotated, Any, List, NamedTuple, Optional, Tuple, Union
 
 import attrs
 import msgspec
@@ -26,6 +26,9 @@ __all__ = [
     "channel_prefix",
     "parse_card",
     "parse_channel",
+    "KvEnvelope",
+    "ZmqMessage",
+    "parse_kv_envelope",
     "parse_zmq_frames",
     "parse_load",
     "parse_load_fields",
@@ -487,7 +490,22 @@ class _ZmqEnvelope(msgspec.Struct):
 _msgpack_zmq_envelope = msgspec.msgpack.Decoder(_ZmqEnvelope)
 
 
-def parse_zmq_frames(frames: List[bytes], topic: bytes, max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> Tuple[int, int, bytes]:
+class ZmqMessage(NamedTuple):
+    """One event-plane message, checked: who sent it, its place in that publisher's sequence, its payload."""
+
+    publisher_id: int
+    sequence: int
+    payload: bytes
+
+
+class KvEnvelope(NamedTuple):
+    """A NATS event-plane envelope: its publisher and its payload."""
+
+    publisher_id: int
+    payload: bytes
+
+
+def parse_zmq_frames(frames: List[bytes], topic: bytes, max_bytes: int = DEFAULT_MAX_LOAD_BYTES) -> ZmqMessage:
     """Validate one 4-frame event-plane message: ``(publisher_id, sequence, payload)``.
 
     Frames: 0 the topic (equal to ``topic``), 1 the publisher id and 2 the
@@ -529,10 +547,10 @@ def parse_zmq_frames(frames: List[bytes], topic: bytes, max_bytes: int = DEFAULT
         raise Malformed("identity_mismatch", "the envelope disagrees with the frames")
     if not env.payload:
         raise Malformed("bad_envelope", "empty payload")
-    return publisher_id, sequence, env.payload
+    return ZmqMessage(publisher_id, sequence, env.payload)
 
 
-def parse_kv_envelope(data: bytes, topic: str) -> Tuple[int, bytes]:
+def parse_kv_envelope(data: bytes, topic: str) -> KvEnvelope:
     """One NATS event-plane message (Dynamo 1.1+): ``(publisher_id, payload)`` of its msgpack envelope,
     whose topic must be ``topic``.  Raises :class:`Malformed` (``bad_envelope``, ``wrong_topic``)."""
     try:
@@ -543,4 +561,4 @@ def parse_kv_envelope(data: bytes, topic: str) -> Tuple[int, bytes]:
         raise Malformed("wrong_topic", f"envelope topic {env.topic[:60]!r}")
     if not env.payload:
         raise Malformed("bad_envelope", "empty payload")
-    return env.publisher_id, env.payload
+    return KvEnvelope(env.publisher_id, env.payload)

@@ -22,11 +22,12 @@ import itertools
 import random
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Literal, Optional, Tuple
+from typing import (Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Literal, NamedTuple, Optional,
+                    Tuple)
 
 from ._reduce import Counters, FleetState, rank_verdict
 
-__all__ = ["Assessment", "Chosen", "Ledger", "OVERFLOW", "Overflow", "Picker", "Reservation", "STRATEGIES", "Strategy",
+__all__ = ["Assessment", "Chosen", "Ledger", "OVERFLOW", "Overflow", "Pick", "Picker", "Reservation", "STRATEGIES", "Strategy",
            "best_rank", "check_blocks", "check_overflow", "check_strategy", "choose", "settle", "take_credit",
            "unsigned_ids"]
 
@@ -244,8 +245,8 @@ class Picker(Ledger):
         model: Optional[str] = None,
         worker_type: Optional[str] = None,
         choose_fn: Optional[Callable[[Tuple[int, ...]], Chosen]] = None,
-    ) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
-        """Choose a worker: ``(worker_id, dp_rank, reason, reservation or None)``, or None.
+    ) -> Optional["Pick"]:
+        """Choose a worker (a :class:`Pick`, its reservation when ``book``), or None.
 
         ``reason`` is a callable that formats the sentence (only when asked).
         ``choose_fn`` (the KV router's) replaces the strategy: it gets the
@@ -287,8 +288,8 @@ class Picker(Ledger):
             booking = _Booking(wid, rank, blocks, seq, now + self.reservation_ttl, next(self._tokens))
             self._bookings[booking.token] = booking
             self.counters.inc("reserved")
-            return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
-                                                  self._overloaded)
+            return Pick(wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
+                                                       self._overloaded))
 
     def _assess(self, wid: int, blocks: int, model: Optional[str], worker_type: Optional[str],
                 overflow: bool = False) -> Optional[Assessment]:
@@ -376,7 +377,7 @@ def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit:
         r = ranks.get(rank_id)
         load, seq = 0, 0
         if r is not None:
-            if rank_verdict(r, card, th)[0] is True:
+            if rank_verdict(r, card, th).verdict is True:
                 continue  # the busy rule calls this rank busy (KV, prefill, hysteresis, stale)
             seq = r.seq
             if not r.stale:
@@ -536,16 +537,25 @@ _STRATEGY_IMPL: Dict[str, Callable[[Any, Tuple[int, ...], Callable[[int], Option
 }
 
 
-def settle(counters: Counters, chosen: Chosen, book: bool
-           ) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
-    """Count a pick's outcome: ``(worker, rank, reason, None)`` for the booking to follow, or None."""
+class Pick(NamedTuple):
+    """What a picker chose: the worker and rank, why (a callable that formats the sentence, only when
+    asked), and the booking (None for ``select()``, and from :func:`settle` before the booking)."""
+
+    worker_id: int
+    dp_rank: int
+    reason: Callable[[], str]
+    reservation: Optional[Reservation]
+
+
+def settle(counters: Counters, chosen: Chosen, book: bool) -> Optional[Pick]:
+    """Count a pick's outcome: a :class:`Pick` without its booking for the booking to follow, or None."""
     if chosen is None:
         counters.inc("rejected" if book else "select_none")
         return None
     wid, assessment, reason = chosen
     if not book:
         counters.inc("selected")
-    return wid, assessment[1], reason, None
+    return Pick(wid, assessment[1], reason, None)
 
 
 def choose(strategy: str, draws: Any, free: Tuple[int, ...], assess: Callable[[int], Optional[Assessment]],

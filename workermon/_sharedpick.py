@@ -19,6 +19,7 @@ from ._fleet import Counters
 from ._picker import (
     Assessment,
     Ledger,
+    Pick,
     Reservation,
     best_rank,
     check_blocks,
@@ -125,7 +126,7 @@ class SharedPicker(Ledger):
 
     def pick(self, free: Tuple[int, ...], *, book: bool, strategy: Optional[str] = None,
              exclude: Collection[int] = (), blocks: Optional[int] = None, model: Optional[str] = None,
-             worker_type: Optional[str] = None) -> Optional[Tuple[int, int, Callable[[], str], Optional[Reservation]]]:
+             worker_type: Optional[str] = None) -> Optional[Pick]:
         from ._shm import ADMITTED, BUSY, HELD, NONE32, model_hash
 
         strategy = self.strategy if strategy is None else check_strategy(strategy)
@@ -204,8 +205,8 @@ class SharedPicker(Ledger):
             self._bookings[booking.token] = booking
             self._inflight[wid] = self._inflight.get(wid, 0) + 1
             self.counters.inc("reserved")
-            return wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
-                                                  self._overloaded)
+            return Pick(wid, rank, reason, Reservation(wid, rank, reason, blocks, self._release, booking,
+                                                       self._overloaded))
 
     def _uncredit(self, b: _SharedBooking) -> None:
         if b.generation == -1:

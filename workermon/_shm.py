@@ -31,11 +31,11 @@ import mmap
 import os
 import struct
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ._model import PickState
 
-__all__ = ["SharedFleet", "ShmLayout", "model_hash"]
+__all__ = ["Header", "SharedFleet", "ShmLayout", "SlotRow", "model_hash"]
 
 MAGIC = b"WMSHM\x00\x01\x00"
 _HEADER = struct.Struct("<8sQQIIIIIIdQ")  # magic, epoch, layout_seq, slot_cap, rank_cap, max_procs,
@@ -59,6 +59,30 @@ def model_hash(name: Optional[str]) -> int:
         return 0
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                           "little") or 1
+
+
+class Header(NamedTuple):
+    """The shared memory's header as a client reads it."""
+
+    epoch: int
+    layout_seq: int
+    slots_used: int
+    busy_threshold: float  # NaN when the KV rule is off
+    procs_used: int
+
+
+class SlotRow(NamedTuple):
+    """One worker's row: ``ranks`` holds ``(load, report_seq, busy)`` per rank from ``dp_start``."""
+
+    flags: int
+    worker_id: int
+    total: int  # NONE32 when the card gives none
+    dp_start: int
+    first_rank: int
+    n_ranks: int
+    model: int  # model_hash(display_name)
+    worker_type: int  # model_hash(worker_type)
+    ranks: List[Tuple[int, int, int]]
 
 
 class ShmLayout:
@@ -146,10 +170,10 @@ class SharedFleet:
 
     # --- header ---------------------------------------------------------------------------
 
-    def header(self) -> Tuple[int, int, int, float, int]:
-        """``(epoch, layout_seq, slots_used, busy_threshold or nan, procs_used)``."""
+    def header(self) -> "Header":
+        """The header's fields (see :class:`Header`)."""
         (_, epoch, layout_seq, _, _, _, slots_used, procs_used, _, threshold, _) = _HEADER.unpack_from(self.mm, 0)
-        return epoch, layout_seq, slots_used, threshold, procs_used
+        return Header(epoch, layout_seq, slots_used, threshold, procs_used)
 
     # Each header field has one writer: the shared-memory writer thread the
     # layout and the threshold, the agent's socket thread the booking rows in use.
@@ -195,10 +219,9 @@ class SharedFleet:
 
     # --- clients: reading --------------------------------------------------------------------
 
-    def read_slot(self, slot: int) -> Optional[Tuple[int, int, int, int, int, int, int, int,
-                                                     List[Tuple[int, int, int]]]]:
-        """``(flags, worker_id, total, dp_start, first_rank, n_ranks, model, type, ranks)`` consistently, or None
-        when the row kept changing under the reader (try later) or is not in use."""
+    def read_slot(self, slot: int) -> Optional["SlotRow"]:
+        """One worker's row and its ranks, read consistently (see :class:`SlotRow`); None when the row
+        kept changing under the reader (try later) or is not in use."""
         mm = self.mm
         off = self.layout.slots + slot * SLOT_SIZE
         for _ in range(8):
@@ -213,7 +236,7 @@ class SharedFleet:
                 continue
             if not row[1] & USED:
                 return None
-            return (row[1], row[2], row[3], row[4], first, n, row[7], row[8], ranks)
+            return SlotRow(row[1], row[2], row[3], row[4], first, n, row[7], row[8], ranks)
         return None
 
     def scan(self, slots_used: int) -> Dict[int, int]:

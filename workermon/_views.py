@@ -50,7 +50,7 @@ class FleetViews:
                 prefill[rank_id] = r.prefill
             if r.stale:
                 stale_ranks.add(rank_id)
-            if rank_verdict(r, w.card, self.thresholds)[0] is True:
+            if rank_verdict(r, w.card, self.thresholds).verdict is True:
                 busy_ranks.add(rank_id)
         return WorkerLoadState(
             worker_id=worker_id,
@@ -167,7 +167,7 @@ class FleetViews:
             if th.prefill_tokens_threshold_frac is not None and card.max_num_batched_tokens is not None:
                 lim = th.prefill_tokens_threshold_frac * card.max_num_batched_tokens
                 parts.append(f"active_prefill_tokens {r.prefill} {'>' if r.prefill > lim else '≤'} {lim:g}")
-        verdict = rank_verdict(r, card, th)[0]
+        verdict = rank_verdict(r, card, th).verdict
         busy = verdict is True
         if r.stale:
             parts.insert(0, f"STALE (no report for {age:.1f} s > metrics_ttl; " + (
@@ -207,6 +207,6 @@ class FleetViews:
             load: Optional[int] = None
             if not r.stale and (r.kv is not None or r.decode is not None):
                 load = max(r.kv if r.kv is not None else 0, r.decode if r.decode is not None else 0)
-            ranks.append((load, r.seq, rank_verdict(r, card, th)[0] is True))
+            ranks.append((load, r.seq, rank_verdict(r, card, th).verdict is True))
         return PickState(worker_id, w.admitted, w.busy, w.hold_until is not None, card.total_kv_blocks, start,
                          card.display_name, card.worker_type, tuple(ranks))

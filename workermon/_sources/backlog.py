@@ -15,7 +15,7 @@ bound by a message.
 from __future__ import annotations
 
 import threading
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 __all__ = ["Backlog", "PayloadBatch"]
 
@@ -35,6 +35,14 @@ class PayloadBatch(List[bytes]):
         self.backlog = backlog
         self.nbytes = nbytes
         self.bare = bare
+
+
+class Admitted(NamedTuple):
+    """What a backlog took of a batch: the payloads kept, their bytes, and how many were dropped."""
+
+    kept: List[bytes]
+    kept_bytes: int
+    dropped: int
 
 
 class Backlog:
@@ -62,8 +70,8 @@ class Backlog:
     def full(self) -> bool:
         return self.items >= self.max_items or (self.max_bytes is not None and self.nbytes >= self.max_bytes)
 
-    def admit(self, items: List[bytes], nbytes: int) -> Tuple[List[bytes], int, int]:
-        """Keep what fits: ``(kept, kept_bytes, dropped)``; counts the kept as enqueued."""
+    def admit(self, items: List[bytes], nbytes: int) -> "Admitted":
+        """Keep what fits (see :class:`Admitted`); counts the kept as enqueued."""
         room = self.max_items - self.items
         byte_room = None if self.max_bytes is None else self.max_bytes - self.nbytes
         if len(items) <= room and (byte_room is None or nbytes <= byte_room):
@@ -82,7 +90,7 @@ class Backlog:
                 kept_bytes = sum(len(x) for x in items[:n])
             kept = items[:n]
         self.note_enqueued(len(kept), kept_bytes)
-        return kept, kept_bytes, len(items) - len(kept)
+        return Admitted(kept, kept_bytes, len(items) - len(kept))
 
     def note_enqueued(self, n: int, nbytes: int = 0) -> None:
         self.enqueued += n

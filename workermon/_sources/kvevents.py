@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, Callable, Collection, List, Optional, Tuple, Union
+from typing import Any, Callable, Collection, List, NamedTuple, Optional, Tuple, Union
 
 import msgspec
 
@@ -43,7 +43,7 @@ from .zmtp import Subscriber
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KvEventsSource", "KvNatsSource", "KvSource", "decode_nats_kv", "members_only", "prune_departed"]
+__all__ = ["KvEventsSource", "KvMessage", "KvNatsSource", "KvSource", "decode_nats_kv", "members_only", "prune_departed"]
 
 
 class KvEventsSource(ZmqSource):
@@ -133,17 +133,23 @@ def prune_departed(index: KvIndex, members: Collection[int]) -> bool:
     return bool(gone)
 
 
-def decode_nats_kv(subject: str, data: bytes, stream_prefix: str
-                   ) -> Optional[Tuple[Optional[int], List[KvItem]]]:
-    """One kv-events message from NATS: ``(publisher_id, events)``, in the layout its subject names; None
+class KvMessage(NamedTuple):
+    """One kv-events message's events, and its publisher (None in 0.9's layout, which names none)."""
+
+    publisher_id: Optional[int]
+    items: List[KvItem]
+
+
+def decode_nats_kv(subject: str, data: bytes, stream_prefix: str) -> Optional[KvMessage]:
+    """One kv-events message from NATS, in the layout its subject names; None
     for a stream subject outside ``stream_prefix`` (another namespace or component).  Raises
     :class:`Malformed` on a bad message."""
     try:
         if subject.startswith("namespace."):  # 1.0 on: the event-plane envelope
-            publisher_id, payload = parse_kv_envelope(data, KV_EVENTS)
-            return publisher_id, decode_kv_payload(payload)
+            env = parse_kv_envelope(data, KV_EVENTS)
+            return KvMessage(env.publisher_id, decode_kv_payload(env.payload))
         if subject.startswith(stream_prefix):  # 0.9: one JSON event, no publisher
-            return None, decode_kv_json(data)
+            return KvMessage(None, decode_kv_json(data))
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise Malformed("bad_payload", str(exc)[:200]) from None
     return None
