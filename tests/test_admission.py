@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 import pytest
 
-from workermon import WorkerMonitor
+from workermon import Limits, WorkerMonitor
 from workermon._model import Card, CardDelete, CardListing, CardPut, Overloaded, Thresholds
 from workermon._parse import parse_card
 from workermon._reduce import FleetState, apply_all
@@ -135,7 +135,6 @@ def test_overloaded_with_no_hold_changes_nothing() -> None:
 # --- held reports are bounded by ranks (item 7), stale data kept under "ignore" (item 8) --------
 
 def test_held_reports_bounded_by_ranks_not_by_workers() -> None:
-    from workermon._reduce import Limits
 
     s = FleetState(limits=Limits(pending_max_ranks=5000))
     for wid in range(1000):
@@ -260,7 +259,7 @@ def test_reserved_rank_is_one_the_rule_calls_free(
         make_monitor: Make, etcd: Any, namespace: str, publisher: RawNatsPublisher) -> None:
     wid = 0x7800
     etcd.put(_key(namespace, wid), card_doc(total=100, data_parallel_size=2))
-    mon = make_monitor(prefill_tokens_threshold=1000, recover_threshold=0.5)
+    mon = make_monitor(thresholds=Thresholds(prefill_tokens_threshold=1000, recover_threshold=0.5))
     mon.start()
     assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == {wid}, 10)
     subject = f"namespace.{namespace}.kv_metrics"
@@ -296,7 +295,7 @@ def test_reserved_rank_is_one_the_rule_calls_free(
 
 def test_held_reports_bounded_by_ranks_through_nats(
         make_monitor: Make, namespace: str, publisher: RawNatsPublisher) -> None:
-    mon = make_monitor(pending_max_ranks=2000)
+    mon = make_monitor(limits=Limits(pending_max_ranks=2000))
     mon.start()
     assert mon.wait_ready(10)
     subject = f"namespace.{namespace}.kv_metrics"
@@ -315,7 +314,7 @@ def test_turning_metrics_ttl_off_restores_the_last_report(
         make_monitor: Make, etcd: Any, namespace: str, publisher: RawNatsPublisher, changes: Changes) -> None:
     wid = 0x7900
     etcd.put(_key(namespace, wid), card_doc(total=100))
-    mon = make_monitor(metrics_ttl=0.3, stale_policy="ignore")
+    mon = make_monitor(thresholds=Thresholds(metrics_ttl=0.3, stale_policy="ignore"))
     mon.on_busy_change(changes)
     mon.start()
     assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == {wid}, 10)
@@ -346,7 +345,7 @@ def test_select_round_robin_and_least_loaded_name_the_next_reserve() -> None:
             chosen = p.pick(book=False)
             assert chosen is not None
             r = p.pick(book=True)
-            assert r is not None and r[0] == chosen[0], strategy
+            assert r is not None and r[0] == chosen.worker_id, strategy
 
 
 def test_why_marks_a_rank_full_for_reserve_as_not_pickable() -> None:
@@ -367,14 +366,13 @@ def test_expired_bookings_are_dropped_on_read_and_released_ones_leave_at_once() 
     for _ in range(10_000):
         chosen = p.pick(book=True)
         assert chosen is not None
-        chosen[3].release()
+        chosen.reservation.release()
     assert len(p._bookings) == 1  # only the live one, however many came and went behind it
     now[0] = 6.0  # past the TTL, and nobody picks
     assert p.totals() == (0, 0) and p.in_flight(A) == 0 and p.counters["expired"] == 1
 
 
 def test_making_room_for_held_ranks_keeps_arrival_order_for_expiry() -> None:
-    from workermon._reduce import Limits
 
     s = FleetState(limits=Limits(pending_max_ranks=3, pending_max_age=30.0))
     s.apply_load_fields(A, 0, 1, None, None, None, 0.0)    # held since 0

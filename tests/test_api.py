@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 import workermon
-from workermon import BusyChange, WorkerLoadState, WorkerMonitor
+from workermon import BusyChange, EtcdOptions, Limits, NatsOptions, Thresholds, WorkerLoadState, WorkerMonitor
 
 
 def test_all_matches_public_names() -> None:
@@ -76,7 +76,7 @@ def test_narrowing_and_prefix() -> None:
     assert mon.card_prefix == "v1/mdc/prod/backend/generate/"
     assert mon._nats_cfg is not None
     assert "namespace.prod.component.backend.endpoint.generate.kv_metrics" in mon._nats_cfg.subjects
-    mon = WorkerMonitor(["http://127.0.0.1:1"], None, card_prefix="models/")
+    mon = WorkerMonitor(["http://127.0.0.1:1"], None, etcd=EtcdOptions(card_prefix="models/"))
     assert mon.card_prefix == "models/" and mon._nats_cfg is None
 
 
@@ -94,23 +94,24 @@ def test_narrowing_and_prefix() -> None:
         {"etcd_endpoints": []},
         {"nats_servers": ["http://127.0.0.1:4222"]},
         {"nats_servers": []},
-        {"etcd_user": "root"},
-        {"recover_threshold": 0.95},
-        {"stale_policy": "sometimes"},
-        {"max_load_bytes": 0},
+        # Option objects are built inside the check: they refuse bad values themselves.
+        {"etcd": lambda: EtcdOptions(user="root")},
+        {"thresholds": lambda: Thresholds(recover_threshold=0.95)},
+        {"thresholds": lambda: Thresholds(stale_policy="sometimes")},  # type: ignore[arg-type]
+        {"limits": lambda: Limits(max_load_bytes=0)},
+        {"busy_threshold": 0.8, "thresholds": Thresholds},  # the shortcut and the whole rule: one or the other
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs: dict) -> None:
     kwargs.setdefault("etcd_endpoints", ["http://127.0.0.1:1"])
     kwargs.setdefault("nats_servers", ["nats://127.0.0.1:2"])
     with pytest.raises(ValueError):
-        WorkerMonitor(**kwargs)
+        WorkerMonitor(**{k: v() if callable(v) else v for k, v in kwargs.items()})
 
 
 def test_secrets_not_in_repr() -> None:
-    mon = WorkerMonitor(["http://127.0.0.1:1"], ["nats://127.0.0.1:2"], etcd_user="root",
-                        etcd_password="s3cr3t-etcd", nats_token="s3cr3t-token",
-                        nats_user=None)
+    mon = WorkerMonitor(["http://127.0.0.1:1"], ["nats://127.0.0.1:2"], etcd=EtcdOptions(user="root",
+                        password="s3cr3t-etcd"), nats=NatsOptions(token="s3cr3t-token"))
     text = repr(mon._etcd_cfg) + repr(mon._nats_cfg) + repr(mon)
     assert "s3cr3t" not in text
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, List
 
 import pytest
 
-from workermon import BusyChange, WorkerMonitor
+from workermon import BusyChange, EtcdOptions, Limits, Reconnect, WorkerMonitor
 from workermon._sources.etcd import EtcdSource
 from workermon._model import Card, CardListing, CardPut, LoadReport, Thresholds
 from workermon._reduce import FleetState, apply_all
@@ -198,7 +198,7 @@ def test_stop_cancels_etcd_authentication(fresh_etcd: EtcdServer, nats_server: N
     fresh_etcd.pause()  # accepts connections, answers nothing: Authenticate blocks
     try:
         mon = WorkerMonitor([fresh_etcd.url], [nats_server.url], namespace=namespace,
-                            etcd_user="root", etcd_password="secret", etcd_timeout=30.0)
+                            etcd=EtcdOptions(user="root", password="secret", timeout=30.0))
         mon.start()
         assert not mon.wait_ready(0.5)
         started = time.monotonic()
@@ -256,7 +256,7 @@ def _block_the_reducer(mon: WorkerMonitor, etcd: Any, namespace: str,
 def test_queue_bounded_while_a_callback_blocks(
     make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
-    mon = make_monitor(max_queued_messages=10)
+    mon = make_monitor(limits=Limits(max_queued_messages=10))
     lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
     try:
         keys = [card_key(namespace, 0x100000 + i) for i in range(3000)]
@@ -281,7 +281,7 @@ def test_queue_bounded_while_a_callback_blocks(
 def test_oversized_dropped_before_queueing_and_bytes_bounded(
     make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
-    mon = make_monitor(max_load_bytes=60_000, max_queued_bytes=200_000)
+    mon = make_monitor(limits=Limits(max_load_bytes=60_000, max_queued_bytes=200_000))
     lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
     subject = f"namespace.{namespace}.kv_metrics"
     try:
@@ -337,7 +337,7 @@ def test_compaction_between_listing_pages_is_a_resync(
 
 def test_last_error_cleared_after_recovery(fresh_etcd: EtcdServer, nats_server: NatsServer, namespace: str) -> None:
     fresh_etcd.kill()
-    mon = WorkerMonitor([fresh_etcd.url], [nats_server.url], namespace=namespace, backoff_cap=0.3)
+    mon = WorkerMonitor([fresh_etcd.url], [nats_server.url], namespace=namespace, reconnect=Reconnect(cap=0.3))
     mon.start()
     try:
         assert wait_until(lambda: mon.health().etcd.last_error is not None)
@@ -352,7 +352,7 @@ def test_last_error_cleared_after_recovery(fresh_etcd: EtcdServer, nats_server: 
 
 def test_first_nats_connect_failures_are_counted(etcd_server: EtcdServer, namespace: str) -> None:
     mon = WorkerMonitor([etcd_server.url], [f"nats://127.0.0.1:{free_port()}"], namespace=namespace,
-                        backoff_initial=0.05, backoff_cap=0.2)
+                        reconnect=Reconnect(initial=0.05, cap=0.2))
     mon.start()
     try:
         assert wait_until(lambda: mon.health().nats.counters.get("connect_failures", 0) >= 3)

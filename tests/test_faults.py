@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Set
 
 import pytest
 
-from workermon import BusyChange, WorkerMonitor
+from workermon import BusyChange, NatsOptions, WorkerMonitor
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .conftest import Changes
@@ -405,7 +405,8 @@ def test_nats_cluster_failover(etcd_server: EtcdServer, namespace: str) -> None:
 
 
 def test_slow_consumer_drops_are_counted(etcd_server: EtcdServer, nats_server: NatsServer, namespace: str) -> None:
-    mon = WorkerMonitor([etcd_server.url], [nats_server.url], namespace=namespace, nats_pending_msgs_limit=5)
+    mon = WorkerMonitor([etcd_server.url], [nats_server.url], namespace=namespace,
+                        nats=NatsOptions(pending_msgs_limit=5))
     mon.start()
     assert mon.wait_ready(10)
     try:

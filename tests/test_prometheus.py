@@ -18,7 +18,7 @@ from typing import Any, Dict, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from workermon import WorkerPublisher
+from workermon import Limits, WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, free_port
 from workermon.prometheus import serve
 
@@ -166,7 +166,7 @@ def test_real_prometheus_scrapes_the_agent(etcd_server: EtcdServer, nats_server:
 def test_one_oversized_message_is_counted_once(make_monitor: Make, nats_server: NatsServer, namespace: str) -> None:
     from .helpers import RawNatsPublisher, active_load
 
-    mon = make_monitor(max_load_bytes=1024)
+    mon = make_monitor(limits=Limits(max_load_bytes=1024))
     mon.start()
     port = free_port()
     server, thread = serve(mon, port)

@@ -9,7 +9,7 @@ from typing import Any, List
 
 import pytest
 
-from workermon import BusyChange, WorkerMonitor
+from workermon import BusyChange, Thresholds, WorkerMonitor
 from workermon._servers import EtcdServer, NatsServer
 
 from .conftest import Changes
@@ -185,7 +185,8 @@ def test_outage_policy_with_real_nats(etcd_server: EtcdServer, namespace: str, c
 
     client = etcd_client(etcd_server.url)
     client.put(card_key(namespace, 0xF7), card_json(100))
-    mon = WorkerMonitor([etcd_server.url], [nats.url], namespace=namespace, outage_policy="busy", outage_grace=0.5)
+    mon = WorkerMonitor([etcd_server.url], [nats.url], namespace=namespace,
+                        thresholds=Thresholds(outage_policy="busy", outage_grace=0.5))
     mon.on_busy_change(changes)
     try:
         mon.start()

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 import pytest
 
-from workermon import WorkerMonitor
+from workermon import TLS, EtcdOptions, NatsOptions, WorkerMonitor
 from workermon import WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer, find_etcd
 
@@ -34,13 +34,14 @@ def test_etcd_with_client_certificates(tls_etcd: EtcdServer, nats_server: NatsSe
     caplog.set_level(logging.DEBUG)
     _etcdctl(tls_etcd.url, "--cacert", certs["ca"], "--cert", certs["client"], "--key", certs["client_key"],
              "put", card_key(namespace, 0xE1), card_json(10))
-    mon = WorkerMonitor([tls_etcd.url], [nats_server.url], namespace=namespace, etcd_ca_cert=certs["ca"],
-                        etcd_cert_cert=certs["client"], etcd_cert_key=certs["client_key"])
+    mon = WorkerMonitor([tls_etcd.url], [nats_server.url], namespace=namespace,
+                        etcd=EtcdOptions(tls=TLS(certs["ca"], certs["client"], certs["client_key"])))
     with mon:
         assert mon.wait_ready(10)
         assert mon.members() == {0xE1}
     # Without a client certificate the server refuses: a clear error, no readiness.
-    bad = WorkerMonitor([tls_etcd.url], [nats_server.url], namespace=namespace, etcd_ca_cert=certs["ca"])
+    bad = WorkerMonitor([tls_etcd.url], [nats_server.url], namespace=namespace,
+                        etcd=EtcdOptions(tls=TLS(ca=certs["ca"])))
     with bad:
         assert bad.wait_ready(2) is False
         assert bad.health().etcd.last_error
@@ -53,13 +54,14 @@ def test_etcd_user_password(fresh_etcd: EtcdServer, nats_server: NatsServer, nam
     _etcdctl(url, "put", card_key(namespace, 0xE2), card_json(10))
     _etcdctl(url, "user", "add", "root", "--new-user-password", SECRET)
     _etcdctl(url, "auth", "enable")
-    mon = WorkerMonitor([url], [nats_server.url], namespace=namespace, etcd_user="root", etcd_password=SECRET)
+    mon = WorkerMonitor([url], [nats_server.url], namespace=namespace,
+                        etcd=EtcdOptions(user="root", password=SECRET))
     with mon:
         assert mon.wait_ready(10)
         assert mon.members() == {0xE2}
         _no_secret(mon, caplog)
-    wrong = WorkerMonitor([url], [nats_server.url], namespace=namespace, etcd_user="root",
-                          etcd_password=SECRET + "-wrong")
+    wrong = WorkerMonitor([url], [nats_server.url], namespace=namespace,
+                          etcd=EtcdOptions(user="root", password=SECRET + "-wrong"))
     with wrong:
         assert wrong.wait_ready(2) is False
         err = wrong.health().etcd.last_error or ""
@@ -80,21 +82,21 @@ def test_nats_tls_token_user(mode: str, etcd_server: EtcdServer, certs: Dict[str
     }
     server = NatsServer(extra_args=args[mode], scheme="tls" if mode == "tls" else "nats")
     server.start()
-    good: Dict[str, Any] = {"tls": {"nats_tls_ca": certs["ca"]}, "token": {"nats_token": SECRET},
-                            "user": {"nats_user": "router", "nats_password": SECRET}}[mode]
-    bad: Dict[str, Any] = {"tls": {}, "token": {"nats_token": "nope"},
-                           "user": {"nats_user": "router", "nats_password": "nope"}}[mode]
+    good = {"tls": NatsOptions(tls=TLS(ca=certs["ca"])), "token": NatsOptions(token=SECRET),
+            "user": NatsOptions(user="router", password=SECRET)}[mode]
+    bad = {"tls": NatsOptions(), "token": NatsOptions(token="nope"),
+           "user": NatsOptions(user="router", password="nope")}[mode]
     pub = WorkerPublisher([etcd_server.url], [server.url], namespace=namespace, total_kv_blocks=10,
-                          **{k: v for k, v in good.items()})
+                          nats=good)
     try:
         pub.start()
-        mon = WorkerMonitor([etcd_server.url], [server.url], namespace=namespace, **good)
+        mon = WorkerMonitor([etcd_server.url], [server.url], namespace=namespace, nats=good)
         with mon:
             assert mon.wait_ready(10)
             pub.report(10)
             assert mon.wait_for(lambda: mon.is_busy(pub.worker_id), 10)
             _no_secret(mon, caplog)
-        wrong = WorkerMonitor([etcd_server.url], [server.url], namespace=namespace, **bad)
+        wrong = WorkerMonitor([etcd_server.url], [server.url], namespace=namespace, nats=bad)
         with wrong:
             assert wrong.wait_ready(2) is False
             assert wrong.health().nats.last_error

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from workermon import EtcdOptions
 from workermon.testing import Fleet, replay
 
 from .helpers import SAMPLES
@@ -60,7 +61,7 @@ def test_zmq_report_without_a_monitor_says_why(workermon_fleet: Fleet) -> None:
 
 
 def test_replay_a_capture(workermon_fleet: Fleet) -> None:
-    mon = workermon_fleet.monitor(card_prefix=f"v1/mdc/{workermon_fleet.namespace}/")
+    mon = workermon_fleet.monitor(etcd=EtcdOptions(card_prefix=f"v1/mdc/{workermon_fleet.namespace}/"))
     mon.start()
     try:
         assert mon.wait_ready(10)

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import zmq
 
-from workermon import WorkerMonitor, WorkerPublisher
+from workermon import Limits, WorkerMonitor, WorkerPublisher
 from workermon._parse import Malformed, parse_channel, parse_load, parse_zmq_frames
 from workermon._servers import EtcdServer, NatsServer, free_port
 
@@ -406,7 +406,7 @@ def _vm(field: str) -> int:
 
 def test_one_huge_message_takes_bounded_memory(zmon: Make, etcd_server: EtcdServer, namespace: str) -> None:
     """300 MB in two messages from another process: read past frame by frame, never held."""
-    mon = zmon(max_load_bytes=64 * 1024)
+    mon = zmon(limits=Limits(max_load_bytes=64 * 1024))
     mon.start()
     assert mon.wait_ready(10)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here
