@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request
 
-from workermon import Reservation, SharedMonitor, WorkerMonitor
+from workermon import Reservation, SharedMonitor, WorkerMonitor, load_tokenizer
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
@@ -127,12 +127,7 @@ class PromptSizer:
         if self._tok is None:
             with self._lock:
                 if self._tok is None:
-                    from tokenizers import Tokenizer  # pip install tokenizers
-
-                    path = self._path
-                    if os.path.isdir(path):
-                        path = os.path.join(path, "tokenizer.json")
-                    self._tok = Tokenizer.from_file(path)
+                    self._tok = load_tokenizer(self._path)  # pip install 'workermon[kv]'
         return self._tok
 
     def tokens(self, body: Any) -> int:

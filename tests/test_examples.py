@@ -222,3 +222,24 @@ def test_gunicorn_post_fork(etcd_server: EtcdServer, nats_server: NatsServer, na
                 proc.wait()
             pub.stop()
     assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_the_flask_routers_prompt_sizer_counts_the_models_tokens(tmp_path: Path) -> None:
+    """``WORKERMON_TOKENIZER`` sizes prompts by the model's own tokenizer (``workermon.load_tokenizer``,
+    a model directory or its tokenizer.json); without one, by UTF-8 bytes / 4."""
+    from examples.flask_router import PromptSizer
+    from workermon import load_tokenizer
+
+    from .dynamo.model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m")
+    assert load_tokenizer(str(model)).encode("hi").ids == load_tokenizer(str(model / "tokenizer.json")).encode("hi").ids
+    body = {"messages": [{"role": "user", "content": "x" * 40}], "prompt": [1, 2, 3]}
+    by_tokens = PromptSizer(16, str(model))
+    assert by_tokens.tokens(body) == 40 + 3  # the tiny model has a token per byte; ids count as they are
+    assert by_tokens.blocks(body) == 3
+    by_bytes = PromptSizer(16)
+    assert by_bytes.tokens(body) == 10 + 3 and by_bytes.blocks(body) == 1
+    assert by_tokens.tokens({"nvext": {"token_data": [7] * 33}}) == 33
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        PromptSizer(16, "/nowhere/tokenizer.json").tokens(body)

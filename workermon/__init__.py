@@ -8,7 +8,7 @@ from ._base import Snapshot
 from ._config import MonitorConfig
 from ._health import Health, SourceHealth
 from ._kvhash import block_hashes
-from ._tokens import TokenizerUnavailable
+from ._tokens import TokenizerUnavailable, load_tokenizer
 from ._model import BusyChange, Explanation, PickState, RankExplanation, Thresholds, WorkerLoadState
 from ._monitor import CallbackHandle, WorkerMonitor
 from ._picker import Reservation
@@ -42,6 +42,7 @@ __all__ = [
     "WorkerPublisher",
     "__version__",
     "block_hashes",
+    "load_tokenizer",
 ]
 
 __version__ = "0.2.0"

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["TokenizerUnavailable", "Tokenizers", "Prompt"]
+__all__ = ["Prompt", "TokenizerUnavailable", "Tokenizers", "load_tokenizer"]
 
 # A completion's text, or a chat request's messages ([{"role": …, "content": …}, …]).
 Prompt = Union[str, Sequence[Dict[str, Any]]]
@@ -35,13 +35,18 @@ class _Loaded:
         self.specials = specials
 
 
-def _load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str) -> Any:
+    """A model's HF tokenizer (``tokenizers.Tokenizer``) from its ``tokenizer.json``, or from the model
+    directory holding it.  ImportError naming the extra when ``tokenizers`` is missing;
+    FileNotFoundError naming the path when there is no such file."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise ImportError("prompt= needs HF tokenizers: pip install 'workermon[kv]'") from None
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tokenizer file at {path} (a model's tokenizer.json, or its directory)")
     return Tokenizer.from_file(path)
 
 
@@ -106,7 +111,7 @@ class Tokenizers:
             if loaded is not None:
                 self._loaded.move_to_end(key)
                 return loaded
-        loaded = _Loaded(_load_tokenizer(path), *_template(cfg_path))
+        loaded = _Loaded(load_tokenizer(path), *_template(cfg_path))
         with self._lock:
             self._loaded[key] = loaded
             while len(self._loaded) > self._max:

@@ -51,6 +51,16 @@ def _python_for(version: str) -> str:
     return str(python)
 
 
+def _release_from(release: str, oldest: Tuple[int, ...], why: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The release's Python, with the event-plane variables cleared (each test sets the plane it runs);
+    skips a release older than ``oldest`` (``why``) or one that is not set up."""
+    if version_tuple(release) < oldest:
+        pytest.skip(why)
+    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return _python_for(release)
+
+
 def _only_loopback() -> bool:
     # 0.6/0.7 advertise the first non-loopback address; in a private network
     # namespace there is none, so every byte stays on loopback.
@@ -391,13 +401,9 @@ def _loading(frontend: str, model: str, workers: List[int], max_tokens: int) -> 
 
 def test_flask_router_through_the_direct_mode_frontend(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/flask_router.py in front of a 1.6.1 frontend in direct mode: requests run where reserve() chose."""
-    if version_tuple(release) < (1, 6):
-        pytest.skip("the frontend's direct mode is measured on 1.6")
-    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
+    python = _release_from(release, (1, 6), "the frontend's direct mode is measured on 1.6", monkeypatch)
     from examples.flask_router import create_app
 
-    python = _python_for(release)
     with EtcdServer() as etcd:
         fleet = DynamoFleet(python, release, etcd.url, None, blocks=BLOCKS, busy_threshold=THRESHOLD,
                             event_plane=None, frontend_args=("--router-mode", "direct"))
@@ -450,14 +456,10 @@ def test_gunicorn_router_as_it_ships(release: str, monkeypatch: pytest.MonkeyPat
     """`gunicorn -c examples/gunicorn.conf.py` with only environment settings, in front of a real
     direct-mode frontend on a pure-ZMQ fleet: streamed and plain chat run where the router chose,
     the health endpoint reports no NATS, and stopping gunicorn takes its agent with it."""
-    if version_tuple(release) < (1, 6):
-        pytest.skip("the frontend's direct mode is measured on 1.6")
+    python = _release_from(release, (1, 6), "the frontend's direct mode is measured on 1.6", monkeypatch)
     gunicorn = Path(sys.executable).parent / "gunicorn"
     if not gunicorn.exists():
         pytest.skip("gunicorn is not installed (pip install 'workermon[examples]')")
-    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
-    python = _python_for(release)
     with EtcdServer() as etcd:
         fleet = DynamoFleet(python, release, etcd.url, None, blocks=BLOCKS, busy_threshold=THRESHOLD,
                             event_plane=None, frontend_args=("--router-mode", "direct"))
@@ -531,15 +533,11 @@ def test_admission_and_overloaded_agree_with_the_direct_mode_frontend(release: s
     """Issue 16, items 1-2, on a real 1.6.1 frontend in direct mode: a worker whose card differs (block
     size 32 beside 16) is refused by the frontend (400) and never chosen by workermon; it is served
     once the incumbent leaves; a 529 marked with overloaded() holds the worker busy."""
-    if version_tuple(release) < (1, 6):
-        pytest.skip("card admission and direct mode are measured on 1.6")
-    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
+    python = _release_from(release, (1, 6), "card admission and direct mode are measured on 1.6", monkeypatch)
     from examples.flask_router import create_app
 
     from ..conftest import Changes
 
-    python = _python_for(release)
     with EtcdServer() as etcd:
         fleet = DynamoFleet(python, release, etcd.url, None, workers=1, blocks=BLOCKS, busy_threshold=THRESHOLD,
                             event_plane=None, frontend_args=("--router-mode", "direct"))

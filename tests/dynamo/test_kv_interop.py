@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,7 +29,7 @@ from workermon import WorkerMonitor, block_hashes
 from workermon._servers import EtcdServer, NatsServer
 
 from .fleet import DynamoFleet, version_tuple
-from .test_interop import _python_for, release  # noqa: F401  (the release fixture)
+from .test_interop import _python_for, _release_from, _until_serving, release  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.dynamo
 
@@ -64,11 +63,7 @@ def _routing(log: Path) -> List[Tuple[List[int], int, int]]:
 
 
 def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if version_tuple(release) < (1, 6):
-        pytest.skip("KV events are measured on 1.6.1 (DYNAMO-KV.md)")
-    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
-    python = _python_for(release)
+    python = _release_from(release, (1, 6), "KV events are measured on 1.6.1 (DYNAMO-KV.md)", monkeypatch)
     with EtcdServer() as etcd:
         mon = WorkerMonitor([etcd.url], None, event_plane="zmq", busy_threshold=0.99, kv_index=True).start()
         fleet = DynamoFleet(python, release, etcd.url, None, blocks=48, busy_threshold=0.99, event_plane=None,
@@ -76,10 +71,7 @@ def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monke
                             frontend_env={"DYN_LOG": "info,dynamo_kv_router=debug,dynamo_llm::kv_router=debug"})
         try:
             fleet.start()
-            assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 60), fleet.logs()
-            deadline = time.monotonic() + 60
-            while not fleet.models_listed() and time.monotonic() < deadline:
-                time.sleep(0.2)  # polling another process's HTTP endpoint
+            _until_serving(fleet, mon)
             model = fleet.served_model()
             prompts = [BASE + f"variant {i % 3} " + "x" * (20 + 7 * i) for i in range(12)]
             prompts += [f"{i} unrelated words {i} " * 12 for i in range(6)]  # fill the small caches: evictions
@@ -229,11 +221,7 @@ def test_kv_events_on_the_nats_plane_follow_what_workers_cache(release: str,
     """``DYN_EVENT_PLANE=nats`` with a kv-mode frontend, on each release from 0.9 (three NATS layouts,
     see tests/data/dynamo-samples/README.md): once a prompt has been served, some worker holds all of its
     full blocks in workermon's index, and a worker stopped takes its blocks with it."""
-    if version_tuple(release) < (0, 9):
-        pytest.skip("KV events on NATS are measured from 0.9.1 on")
-    for name in ("NATS_SERVER", "DYN_EVENT_PLANE", "DYN_ZMQ_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
-    python = _python_for(release)
+    python = _release_from(release, (0, 9), "KV events on NATS are measured from 0.9.1 on", monkeypatch)
     with EtcdServer() as etcd, NatsServer(jetstream=True) as nats:
         mon = WorkerMonitor([etcd.url], [nats.url], event_plane="nats", busy_threshold=0.99, kv_index=True).start()
         fleet = DynamoFleet(python, release, etcd.url, nats.url, workers=2, blocks=256, busy_threshold=0.99,
@@ -252,11 +240,7 @@ def test_kv_events_through_a_zmq_broker_follow_what_workers_cache(release: str,
 
     from ..helpers import ZmqBroker
 
-    if version_tuple(release) < (1, 6):
-        pytest.skip("broker mode is measured on 1.6.1")
-    for name in ("NATS_SERVER", "DYN_EVENT_PLANE"):
-        monkeypatch.delenv(name, raising=False)
-    python = _python_for(release)
+    python = _release_from(release, (1, 6), "broker mode is measured on 1.6.1", monkeypatch)
     ctx = zmq.Context()
     broker = ZmqBroker(ctx)
     monkeypatch.setenv("DYN_ZMQ_BROKER_URL", f"xsub=tcp://127.0.0.1:{broker.xsub_port} , "
@@ -279,10 +263,7 @@ def test_kv_events_through_a_zmq_broker_follow_what_workers_cache(release: str,
 
 def _served_prompts_are_followed(mon: WorkerMonitor, fleet: DynamoFleet) -> None:
     fleet.start()
-    assert mon.wait_for(lambda: len(mon.members()) == fleet.workers, 60), fleet.logs()
-    deadline = time.monotonic() + 60
-    while not fleet.models_listed() and time.monotonic() < deadline:
-        time.sleep(0.2)  # polling another process's HTTP endpoint
+    _until_serving(fleet, mon)
     model = fleet.served_model()
     for i in range(4):
         prompt = BASE + f"variant {i % 2} " + "y" * (10 + 9 * i)

@@ -35,7 +35,7 @@ import msgspec
 
 from .._health import SourceStatus
 from .._kvindex import KvIndex, KvItem, decode_kv_json, decode_kv_payload
-from .._parse import KV_EVENTS, Malformed, parse_kv_envelope, parse_zmq_frames
+from .._parse import KV_EVENTS, Malformed, parse_kv_envelope
 from .backlog import Backlog
 from .nats import NatsConfig, NatsSource
 from .zmq import ZmqConfig, ZmqSource
@@ -88,18 +88,9 @@ class KvEventsSource(ZmqSource):
     def _accept(self, messages: List[List[bytes]], errors: List[str]) -> None:
         status = self.status
         members = self._members() if self._members is not None else None
-        for reason in errors:
-            self._malformed(Malformed(reason, "read past on the wire"))
-        for frames in messages:
-            expected = self._expected_topic(frames)
-            if expected is None:
-                continue
+        for msg in self._checked(messages, errors):
             try:
-                publisher_id, _sequence, payload = parse_zmq_frames(frames, expected, self._cfg.max_load_bytes)
-                items = decode_kv_payload(payload)
-            except Malformed as exc:
-                self._malformed(exc)
-                continue
+                items = decode_kv_payload(msg.payload)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 self._malformed(Malformed("bad_payload", str(exc)[:200]))
                 continue
@@ -108,7 +99,7 @@ class KvEventsSource(ZmqSource):
             if items:
                 # Through several brokers a message comes once per broker: the index drops the
                 # repeats by event id (``index_duplicates``).
-                self.index.apply(items, publisher_id)
+                self.index.apply(items, msg.publisher_id)
         received = len(messages) + len(errors)
         if received:
             status.inc("messages", received)

@@ -22,13 +22,13 @@ import logging
 import re
 import threading
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 import attrs
 
 from .._health import Backoff, SourceStatus
 from .._model import ChannelDelete, ChannelListing, ChannelPut
-from .._parse import DEFAULT_MAX_LOAD_BYTES, KV_METRICS, Malformed, parse_zmq_frames
+from .._parse import DEFAULT_MAX_LOAD_BYTES, KV_METRICS, Malformed, ZmqMessage, parse_zmq_frames
 from . import Source
 from .backlog import Backlog, PayloadBatch
 from .._waker import Waker
@@ -283,17 +283,8 @@ class ZmqSource(Source):
         batch: List[bytes] = []
         nbytes = 0
         received = len(messages) + len(errors)
-        for reason in errors:
-            self._malformed(Malformed(reason, "read past on the wire"))
-        for frames in messages:
-            expected = self._expected_topic(frames)
-            if expected is None:
-                continue
-            try:
-                publisher_id, sequence, payload = parse_zmq_frames(frames, expected, cfg.max_load_bytes)
-            except Malformed as exc:
-                self._malformed(exc)
-                continue
+        for msg in self._checked(messages, errors):
+            publisher_id, sequence, payload = msg
             if broker:
                 key = (publisher_id, sequence)
                 if key in seen:
@@ -318,6 +309,19 @@ class ZmqSource(Source):
             status.inc("dropped_backlog", dropped)
         if kept:
             self._emit(PayloadBatch(self.backlog, kept, kept_bytes, bare=True))
+
+    def _checked(self, messages: List[List[bytes]], errors: List[str]) -> Iterator[ZmqMessage]:
+        """The messages of this source's topic that pass the 4-frame check; the rest counted."""
+        for reason in errors:
+            self._malformed(Malformed(reason, "read past on the wire"))
+        for frames in messages:
+            expected = self._expected_topic(frames)
+            if expected is None:
+                continue
+            try:
+                yield parse_zmq_frames(frames, expected, self._cfg.max_load_bytes)
+            except Malformed as exc:
+                self._malformed(exc)
 
     def _expected_topic(self, frames: List[bytes]) -> Optional[bytes]:
         """The topic frame this message must carry; None (counted) for a broker's other topics.
