@@ -9,10 +9,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
-from workermon import BusyChange, WorkerMonitor
+from workermon import BusyChange, WorkerMonitor, WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer
 
-from .helpers import RawNatsPublisher, etcd_client
+from .helpers import Make, RawNatsPublisher, etcd_client
 
 # Threads owned by libraries that are process-wide and not ours to stop.
 _FOREIGN_THREAD_PREFIXES = ("ThreadPoolExecutor", "asyncio_", "grpc_")
@@ -135,7 +135,7 @@ def changes() -> Changes:
 @pytest.fixture
 def make_monitor(
     etcd_server: EtcdServer, nats_server: NatsServer, namespace: str
-) -> Iterator[Callable[..., WorkerMonitor]]:
+) -> Iterator[Make]:
     made: List[WorkerMonitor] = []
 
     def make(**kwargs: Any) -> WorkerMonitor:
@@ -149,6 +149,24 @@ def make_monitor(
     yield make
     for mon in made:
         assert mon.stop(timeout=10.0), "monitor threads did not stop"
+
+
+@pytest.fixture
+def zworkers(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[..., WorkerPublisher]]:
+    """Simulated 1.6 workers on the ZMQ event plane (card and kv_metrics channel under their lease),
+    started on request, stopped (their leases revoked) after the test."""
+    made: List[WorkerPublisher] = []
+
+    def make(**kwargs: Any) -> WorkerPublisher:
+        kwargs.setdefault("namespace", namespace)
+        kwargs.setdefault("total_kv_blocks", 1000)
+        pub = WorkerPublisher([etcd_server.url], event_plane="zmq", **kwargs).start()
+        made.append(pub)
+        return pub
+
+    yield make
+    for pub in made:
+        pub.stop()
 
 
 _ids = itertools.count(1)

@@ -106,21 +106,6 @@ class AgentProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture
-def zworkers(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[..., WorkerPublisher]]:
-    made: List[WorkerPublisher] = []
-
-    def make(**kw: Any) -> WorkerPublisher:
-        kw.setdefault("total_kv_blocks", 1000)
-        pub = WorkerPublisher([etcd_server.url], namespace=namespace, event_plane="zmq", **kw).start()
-        made.append(pub)
-        return pub
-
-    yield make
-    for pub in made:
-        pub.stop()
-
-
 def test_hung_agent_never_blocks_16_request_threads(etcd_server: EtcdServer, namespace: str, sock_dir: str,
                                                     zworkers: Any) -> None:
     for _ in range(4):

@@ -11,7 +11,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, List
+from typing import Any, List
 
 import pytest
 
@@ -22,6 +22,7 @@ from workermon._reduce import FleetState, apply_all
 from workermon._servers import EtcdServer, NatsServer, free_port
 
 from .helpers import (
+    Make,
     RawNatsPublisher,
     active_load,
     card_json,
@@ -121,7 +122,7 @@ def test_etcd_listing_reports_malformed_keys(etcd_server: EtcdServer, etcd: Any,
 
 # --- 4. stop() wakes every waiter ----------------------------------------------------------
 
-def test_waiters_return_after_stop(make_monitor: Callable[..., WorkerMonitor]) -> None:
+def test_waiters_return_after_stop(make_monitor: Make) -> None:
     mon = make_monitor()
     mon.start()
     assert mon.wait_ready(10)
@@ -137,7 +138,7 @@ def test_waiters_return_after_stop(make_monitor: Callable[..., WorkerMonitor]) -
     assert mon.wait_ready(timeout=None) is False
 
 
-def test_wait_ready_wakes_when_stopped_from_a_callback(make_monitor: Callable[..., WorkerMonitor]) -> None:
+def test_wait_ready_wakes_when_stopped_from_a_callback(make_monitor: Make) -> None:
     from workermon._servers import free_port as _free
 
     mon = make_monitor(nats_servers=[f"nats://127.0.0.1:{_free()}"])  # never ready: NATS is unreachable
@@ -154,7 +155,7 @@ def test_wait_ready_wakes_when_stopped_from_a_callback(make_monitor: Callable[..
 # --- 5. a forked child never takes the lock ------------------------------------------------
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_forked_child_does_not_hang_on_the_lock(make_monitor: Callable[..., WorkerMonitor]) -> None:
+def test_forked_child_does_not_hang_on_the_lock(make_monitor: Make) -> None:
     mon = make_monitor()
     mon.start()
     assert mon.wait_ready(10)
@@ -254,7 +255,7 @@ def _block_the_reducer(mon: WorkerMonitor, etcd: Any, namespace: str,
 # --- 8. etcd events and wake-ups are bounded while a callback blocks ------------------------
 
 def test_queue_bounded_while_a_callback_blocks(
-    make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
+    make_monitor: Make, etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
     mon = make_monitor(limits=Limits(max_queued_messages=10))
     lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
@@ -279,7 +280,7 @@ def test_queue_bounded_while_a_callback_blocks(
 # --- 9. oversized payloads never wait in memory; queued bytes are bounded -------------------
 
 def test_oversized_dropped_before_queueing_and_bytes_bounded(
-    make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
+    make_monitor: Make, etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
     mon = make_monitor(limits=Limits(max_load_bytes=60_000, max_queued_bytes=200_000))
     lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
@@ -307,7 +308,7 @@ def test_oversized_dropped_before_queueing_and_bytes_bounded(
 # --- 10. compaction between pages is a resync; last_error is cleared -------------------------
 
 def test_compaction_between_listing_pages_is_a_resync(
-    make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+    make_monitor: Make, etcd: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import workermon._sources.etcd as etcd_mod
 
@@ -364,7 +365,7 @@ def test_first_nats_connect_failures_are_counted(etcd_server: EtcdServer, namesp
 # --- also: stop() applies everything queued before its sentinel ----------------------------
 
 def test_stop_applies_everything_queued_before_it(
-    make_monitor: Callable[..., WorkerMonitor], etcd: Any, namespace: str, publisher: RawNatsPublisher
+    make_monitor: Make, etcd: Any, namespace: str, publisher: RawNatsPublisher
 ) -> None:
     mon = make_monitor()
     lease, release = _block_the_reducer(mon, etcd, namespace, publisher)
@@ -416,7 +417,7 @@ def test_static_mode_callbacks_never_run_concurrently() -> None:
     mon.stop()
 
 
-def test_set_thresholds_after_stop_queues_nothing(make_monitor: Callable[..., WorkerMonitor]) -> None:
+def test_set_thresholds_after_stop_queues_nothing(make_monitor: Make) -> None:
     mon = make_monitor()
     mon.start()
     assert mon.wait_ready(10)

@@ -77,20 +77,18 @@ def stored(event_id: int, local: List[int]) -> Any:
 
 
 @pytest.fixture
-def fleet(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[[], Any]]:
-    made: List[Any] = []
+def fleet(etcd_server: EtcdServer, zworkers: Callable[..., WorkerPublisher]) -> Iterator[Callable[[], Any]]:
+    made: List[KvPublisher] = []
 
     def make() -> Any:
-        worker = WorkerPublisher([etcd_server.url], namespace=namespace, total_kv_blocks=1000,
-                                 event_plane="zmq").start()
+        worker = zworkers()
         kv = KvPublisher(etcd_server.url, worker)
-        made.append((worker, kv))
+        made.append(kv)
         return worker, kv
 
     yield make
-    for worker, kv in made:
+    for kv in made:
         kv.close()
-        worker.stop()
 
 
 def test_kv_events_fill_the_index_bounded_and_leave_with_the_lease(etcd_server: EtcdServer, namespace: str,
@@ -205,7 +203,8 @@ def test_kv_events_on_the_nats_plane_in_every_layout(etcd_server: EtcdServer, na
             w.stop()
 
 
-def test_kv_events_through_zmq_brokers(etcd_server: EtcdServer, namespace: str) -> None:
+def test_kv_events_through_zmq_brokers(etcd_server: EtcdServer, namespace: str,
+                                       zworkers: Callable[..., WorkerPublisher]) -> None:
     """Broker mode (workers register no channels): the monitor takes its scope's ``…kv-events`` subjects
     from both brokers, passes the workers' other topics by (not malformed), applies each event once,
     ignores a stranger, and lets a departed worker's blocks go when the member set changes."""
@@ -214,8 +213,7 @@ def test_kv_events_through_zmq_brokers(etcd_server: EtcdServer, namespace: str) 
     ctx = zmq.Context()
     brokers = [ZmqBroker(ctx), ZmqBroker(ctx)]
     out = ctx.socket(zmq.PUB)
-    workers = [WorkerPublisher([etcd_server.url], namespace=namespace, total_kv_blocks=1000,
-                               event_plane="zmq").start() for _ in range(2)]
+    workers = [zworkers() for _ in range(2)]
     stay, leave = workers
     url = (f"xsub=tcp://127.0.0.1:{brokers[0].xsub_port};tcp://127.0.0.1:{brokers[1].xsub_port} , "
            f"xpub=tcp://127.0.0.1:{brokers[0].xpub_port};tcp://127.0.0.1:{brokers[1].xpub_port}")
@@ -269,8 +267,6 @@ def test_kv_events_through_zmq_brokers(etcd_server: EtcdServer, namespace: str) 
         for br in brokers:
             br.close()
         ctx.term()
-        for w in workers:
-            w.stop()
 
 
 def _envelope_raw(publisher_id: int, sequence: int, topic: str, payload: bytes) -> bytes:

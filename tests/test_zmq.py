@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Iterator, List
 
 import msgspec
 import pytest
@@ -48,28 +48,10 @@ def zmon(etcd_server: EtcdServer, namespace: str) -> Iterator[Make]:
         assert mon.stop(timeout=10)
 
 
-@pytest.fixture
-def zpub(etcd_server: EtcdServer, namespace: str) -> Iterator[Callable[..., WorkerPublisher]]:
-    made: List[WorkerPublisher] = []
-
-    def make(**kwargs: Any) -> WorkerPublisher:
-        kwargs.setdefault("namespace", namespace)
-        kwargs.setdefault("total_kv_blocks", 1000)
-        pub = WorkerPublisher([etcd_server.url], event_plane="zmq", **kwargs).start()
-        made.append(pub)
-        return pub
-
-    yield make
-    for pub in made:
-        pub.stop()
-
-
-
-
 # --- end to end ----------------------------------------------------------------------------
 
-def test_only_etcd_endpoints_ready_and_tracks_load_over_zmq(zmon: Make, zpub: Any) -> None:
-    pub = zpub()
+def test_only_etcd_endpoints_ready_and_tracks_load_over_zmq(zmon: Make, zworkers: Any) -> None:
+    pub = zworkers()
     # 1.6 defaults: no NATS anywhere (nothing listens on 4222 here), only etcd.
     mon = zmon()
     mon.start()
@@ -89,11 +71,11 @@ def test_only_etcd_endpoints_ready_and_tracks_load_over_zmq(zmon: Make, zpub: An
     assert h.counters.get("malformed", 0) == 0 and h.counters.get("unknown_publisher", 0) == 0
 
 
-def test_channel_key_gone_disconnects(zmon: Make, zpub: Any) -> None:
+def test_channel_key_gone_disconnects(zmon: Make, zworkers: Any) -> None:
     mon = zmon()
     mon.start()
     assert mon.wait_ready(10)
-    pubs = [zpub(), zpub()]
+    pubs = [zworkers(), zworkers()]
     assert mon.wait_for(lambda: mon.health().zmq.counters.get("endpoints_connected") == 2, 10)
     pubs[0].stop()  # revokes its lease: the card and the channel go
     assert mon.wait_for(lambda: mon.members() == {pubs[1].worker_id}, 10)
@@ -101,8 +83,8 @@ def test_channel_key_gone_disconnects(zmon: Make, zpub: Any) -> None:
     assert mon.health().zmq.counters["disconnects"] == 1
 
 
-def test_killed_worker_leaves_within_ttl(zmon: Make, zpub: Any) -> None:
-    pub = zpub(lease_ttl=2)
+def test_killed_worker_leaves_within_ttl(zmon: Make, zworkers: Any) -> None:
+    pub = zworkers(lease_ttl=2)
     mon = zmon()
     mon.start()
     assert mon.wait_ready(10) and mon.members() == {pub.worker_id}
@@ -116,8 +98,8 @@ def test_killed_worker_leaves_within_ttl(zmon: Make, zpub: Any) -> None:
     assert wait_until(lambda: mon.health().zmq.counters.get("endpoints_connected") == 0)
 
 
-def test_data_parallel_worker_over_zmq(zmon: Make, zpub: Any) -> None:
-    pub = zpub(data_parallel_size=2)
+def test_data_parallel_worker_over_zmq(zmon: Make, zworkers: Any) -> None:
+    pub = zworkers(data_parallel_size=2)
     mon = zmon()
     mon.start()
     assert mon.wait_ready(10) and pub.wait_subscribed(10)
@@ -147,8 +129,8 @@ def test_stop_wakes_the_zmq_poll(zmon: Make) -> None:
 
 # --- hostile frames -------------------------------------------------------------------------
 
-def test_bad_frames_are_counted_per_reason_and_dropped(zmon: Make, zpub: Any) -> None:
-    pub = zpub()
+def test_bad_frames_are_counted_per_reason_and_dropped(zmon: Make, zworkers: Any) -> None:
+    pub = zworkers()
     mon = zmon()
     mon.start()
     assert mon.wait_ready(10) and pub.wait_subscribed(10)
@@ -180,8 +162,8 @@ def test_bad_frames_are_counted_per_reason_and_dropped(zmon: Make, zpub: Any) ->
     assert all(t.is_alive() for t in mon._threads)
 
 
-def test_unknown_publisher_is_counted_and_applied(zmon: Make, zpub: Any) -> None:
-    pub = zpub()
+def test_unknown_publisher_is_counted_and_applied(zmon: Make, zworkers: Any) -> None:
+    pub = zworkers()
     mon = zmon()
     mon.start()
     assert mon.wait_ready(10) and pub.wait_subscribed(10)
@@ -195,8 +177,8 @@ def test_unknown_publisher_is_counted_and_applied(zmon: Make, zpub: Any) -> None
 
 # --- broker mode ----------------------------------------------------------------------------
 
-def test_broker_mode_dedups_across_brokers(zmon: Make, zpub: Any, namespace: str) -> None:
-    pub = zpub()  # registers the card; its own XPUB is not used in broker mode
+def test_broker_mode_dedups_across_brokers(zmon: Make, zworkers: Any, namespace: str) -> None:
+    pub = zworkers()  # registers the card; its own XPUB is not used in broker mode
     ctx = zmq.Context()
     brokers = [ZmqBroker(ctx), ZmqBroker(ctx)]
     out = ctx.socket(zmq.PUB)
@@ -435,8 +417,8 @@ def test_one_huge_message_takes_bounded_memory(zmon: Make, etcd_server: EtcdServ
             proc.stdout.close()
 
 
-def test_every_source_reports_its_own_backlog(zmon: Make, zpub: Any) -> None:
-    pub = zpub()
+def test_every_source_reports_its_own_backlog(zmon: Make, zworkers: Any) -> None:
+    pub = zworkers()
     mon = zmon()
     mon.start()
     assert mon.wait_ready(10) and pub.wait_subscribed(10)
@@ -486,8 +468,8 @@ def _as_1_3(pub: WorkerPublisher, etcd_url: str) -> None:
         client.close()
 
 
-def test_a_fleet_mixing_1_3_and_1_6_channel_layouts(zmon: Make, zpub: Any, etcd_server: EtcdServer) -> None:
-    old, new = zpub(), zpub()
+def test_a_fleet_mixing_1_3_and_1_6_channel_layouts(zmon: Make, zworkers: Any, etcd_server: EtcdServer) -> None:
+    old, new = zworkers(), zworkers()
     _as_1_3(old, etcd_server.url)
     mon = zmon()
     mon.start()
@@ -499,7 +481,7 @@ def test_a_fleet_mixing_1_3_and_1_6_channel_layouts(zmon: Make, zpub: Any, etcd_
     assert mon.health().zmq.last_error is None
 
 
-def test_an_unknown_channel_layout_is_said_in_words(zmon: Make, zpub: Any, etcd_server: EtcdServer,
+def test_an_unknown_channel_layout_is_said_in_words(zmon: Make, zworkers: Any, etcd_server: EtcdServer,
                                                     namespace: str) -> None:
     from .helpers import etcd_client
 
