@@ -310,7 +310,7 @@ def test_real_dp2_reports_and_the_frontend_rule() -> None:
         assert r.kv_active_blocks == m["decoded"]["payload"]["kv_used_blocks"]
         reports.append(r)
     assert {r.dp_rank for r in reports} == {0, 1}
-    # The probe of DYNAMO-1.6 §2 (threshold 0.5 of 256): rank 1 at 200 with rank 0 never
+    # The 1.6.1 frontend probed live (threshold 0.5 of 256; samples 1.6.1-direct-probe-*): rank 1 at 200 with rank 0 never
     # reported → free; both at 200 → busy; rank 0 at 10, rank 1 at 200 → free.
     wid = puts[0].worker_id
     s = FleetState(Thresholds(busy_threshold=0.5))

@@ -127,12 +127,13 @@ class BaseMonitor:
 
     @property
     def strategy(self) -> str:
-        """The strategy ``reserve()``/``select()`` use when not given one."""
+        """The strategy ``reserve()``/``select()`` use when not given one.  Any thread."""
         return self._picker.strategy
 
     @property
     def overflow(self) -> str:
-        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``."""
+        """What ``reserve(blocks=…)`` does when no free worker has room: ``"steer"`` or ``"refuse"``.
+        Any thread."""
         return self._picker.overflow
 
     def start(self) -> Any:
@@ -204,7 +205,7 @@ class BaseMonitor:
 
     @property
     def version(self) -> int:
-        """The number of busy-set changes so far."""
+        """The number of busy-set changes so far: lock-free, any thread."""
         return self._snapshot.version
 
 

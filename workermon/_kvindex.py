@@ -1,4 +1,5 @@
-"""What every worker holds in its KV cache, followed from its ``kv-events`` (DYNAMO-KV.md §1–3).
+"""What every worker holds in its KV cache, followed from its ``kv-events`` (the wire: README,
+*Picking by cached prefix*; captured samples in ``tests/data/dynamo-samples``).
 
 One index for the whole fleet: per storage tier, a dict from a block's
 *sequence hash* (its place in the prefix tree, computed here from its parent's

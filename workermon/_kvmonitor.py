@@ -62,7 +62,7 @@ class KvMethods:
         carries ``"nvext": {"token_data": ids}`` (the ids that were hashed),
         so the worker runs exactly them; a body that is not a JSON object or
         has no prompt is picked by load (the monitor's strategy) and returned
-        unchanged.
+        unchanged.  Any thread.
         """
         doc: Any = body
         if isinstance(body, (bytes, bytearray)):

@@ -1,4 +1,5 @@
-"""Picking by cached prefix, as Dynamo 1.6.1's KV router does (DYNAMO-KV.md §5), beside the index it reads.
+"""Picking by cached prefix, as Dynamo 1.6.1's KV router does (its cost, read from the 1.6.1 wheel and
+reproduced from its debug log), beside the index it reads.
 
 For a prompt of ``isl`` tokens in blocks of ``B`` (the card's
 ``kv_cache_block_size``), each rank the busy rule calls free costs::

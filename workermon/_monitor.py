@@ -264,7 +264,8 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
 
     @property
     def ready(self) -> bool:
-        """Whether the initial listing is applied and the metrics feed is subscribed (False after stop)."""
+        """Whether the initial listing is applied and the metrics feed is subscribed (False after stop).
+        Any thread."""
         if self.static:
             return True
         return (
@@ -303,7 +304,8 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
     # --- for integrations (the host agent): public, cheap, never blocking ---------------
 
     def snapshot(self) -> "Snapshot":
-        """The immutable snapshot readers use (``busy``, ``members``, ``free``, ``version``), one consistent triple."""
+        """The immutable snapshot readers use (``busy``, ``members``, ``free``, ``version``), one consistent
+        triple: lock-free, any thread."""
         return self._snapshot
 
     def add_listener(self, listener: Callable[[], None]) -> None:
@@ -315,6 +317,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
         self._snapshot_listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (no error when it was not added).  Any thread."""
         try:
             self._snapshot_listeners.remove(listener)
         except ValueError:
@@ -359,13 +362,13 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
                 log.exception("workermon snapshot listener failed")
 
     def load_states(self) -> Dict[int, WorkerLoadState]:
-        """A consistent copy of every member's state (takes the lock; O(fleet))."""
+        """A consistent copy of every member's state (takes the lock; O(fleet)).  Any thread."""
         self._check_fork()
         with self._lock:
             return self._state.load_states(self._clock())
 
     def load_state(self, worker_id: int) -> Optional[WorkerLoadState]:
-        """One member's state, or None when it is not a member."""
+        """One member's state, or None when it is not a member.  Any thread (takes the lock briefly)."""
         self._check_fork()
         if worker_id < 0:
             worker_id += 1 << 64
@@ -376,6 +379,7 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
 
     @property
     def thresholds(self) -> Thresholds:
+        """The busy rule in force now (see :meth:`set_thresholds`): lock-free, any thread."""
         return self._state.thresholds
 
     # --- picking (a lock of the picker's own; reads above stay lock-free) ---------

@@ -294,7 +294,8 @@ class SharedMonitor(BaseMonitor):
         return attrs.evolve(h, reducer={**h.reducer, **{f"shared_{k}": n for k, n in self.counters.items()}})
 
     def on_busy_change(self, callback: Callable[[BusyChange], Any]) -> CallbackHandle:
-        """As :meth:`WorkerMonitor.on_busy_change`; callbacks run on ``workermon-shared``, one at a time.
+        """As :meth:`WorkerMonitor.on_busy_change` (any thread); callbacks run on ``workermon-shared``, one
+        at a time.
 
         Registered after :meth:`start`, it is first called with the current
         state at once (when this process has one: else as soon as the agent's

@@ -2,7 +2,7 @@
 
 Mocker workers with prefix caching and a small KV capacity (so blocks get
 evicted), a ``--router-mode kv`` frontend logging its routing inputs
-(DYNAMO-KV.md §6), and a ``WorkerMonitor(kv_index=True)`` started before the
+(``dynamo_kv_router=debug``), and a ``WorkerMonitor(kv_index=True)`` started before the
 workers.  For each request, before the frontend routes it: workermon's block
 hashes (from the prompt, tokenized by the model's own tokenizer as its card
 names it) equal the frontend's ``local_hashes``; its overlap for the worker
@@ -63,7 +63,7 @@ def _routing(log: Path) -> List[Tuple[List[int], int, int]]:
 
 
 def test_overlaps_and_hashes_agree_with_the_kv_mode_frontend(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    python = _release_from(release, (1, 6), "KV events are measured on 1.6.1 (DYNAMO-KV.md)", monkeypatch)
+    python = _release_from(release, (1, 6), "KV events through the ZMQ plane are measured on 1.6.1", monkeypatch)
     with EtcdServer() as etcd:
         mon = WorkerMonitor([etcd.url], None, event_plane="zmq", busy_threshold=0.99, kv_index=True).start()
         fleet = DynamoFleet(python, release, etcd.url, None, blocks=48, busy_threshold=0.99, event_plane=None,

@@ -1,7 +1,7 @@
 """The KV-events source threads: what each worker caches, for ``WorkerMonitor(kv_index=True)``.
 
 ``workermon-kv-events`` follows the ``kv-events`` event channels the etcd
-source finds (Dynamo 1.6's ZMQ plane, DYNAMO-KV.md §1–2) exactly as the ZMQ
+source finds (Dynamo 1.6's ZMQ plane) exactly as the ZMQ
 source follows ``kv_metrics``: one ZMTP subscriber, connected to each
 channel's endpoint while its key exists (through a ZMQ broker: to the
 brokers, taking the ``…kv-events`` subjects).  Each message is checked against the
