@@ -414,3 +414,54 @@ def test_shared_monitors_follow_the_agents_strategy_unless_they_set_one(
         assert (own.strategy, own.overflow) == ("random", "steer")
     finally:
         assert a.stop(5)
+
+
+def _shm_load(client: SharedMonitor, wid: int) -> Any:
+    """The reported load of ``wid``'s first rank as the client's shared memory holds it now (None: no row)."""
+    picker = client._picker
+    fleet = picker._fleet
+    slot = fleet.scan(fleet.header().slots_used).get(wid) if fleet is not None else None
+    row = fleet.read_slot(slot) if fleet is not None and slot is not None else None
+    return None if row is None else row.ranks[0][0]
+
+
+def test_a_booking_counts_until_released_when_reports_leave_it_out(agent: Agent, etcd: Any, namespace: str,
+                                                                   publisher: Any, shared: Any,
+                                                                   make_monitor: Make) -> None:
+    """A request queued in the engine holds no KV blocks, so the worker's next report leaves it out: its
+    booking still counts until released (predicted load = max(report + booked since, unreleased
+    bookings)), host-wide through the shared memory and in a WorkerMonitor alike."""
+    from .helpers import load_event
+
+    wid = 0x7200
+    etcd.put(card_key(namespace, wid), card_json(100))
+    client = shared(overflow="refuse")
+    local = make_monitor(overflow="refuse").start()
+    try:
+        for mon in (client, local):
+            assert mon.wait_ready(10) and mon.wait_for(lambda: mon.members() == {wid}, 10)
+        for mon in (client, local):
+            held = mon.reserve(blocks=60)
+            assert held is not None and held.worker_id == wid
+            publisher.publish(f"namespace.{namespace}.kv_metrics", load_event(wid, 10))  # queued: 10, not 70
+            publisher.flush()
+            if mon is client:
+                assert wait_until(lambda: _shm_load(client, wid) == 10)
+            else:
+                def reported() -> Any:
+                    st = local.load_state(wid)
+                    return None if st is None else dict(st.kv_active_blocks)
+                assert local.wait_for(lambda: reported() == {0: 10}, 10)
+            assert mon.reserve(blocks=40) is None  # max(10 + 0, 60) + 40 > 0.9 × 100
+            small = mon.reserve(blocks=25)  # 60 + 25 ≤ 90
+            assert small is not None
+            small.release()
+            held.release()
+            later = mon.reserve(blocks=40)  # 10 + 40 ≤ 90 once the booking is released
+            assert later is not None
+            later.release()
+            publisher.publish(f"namespace.{namespace}.kv_metrics", load_event(wid, 0))
+            publisher.flush()
+            assert wait_until(lambda: _shm_load(client, wid) == 0)
+    finally:
+        etcd.delete(card_key(namespace, wid))

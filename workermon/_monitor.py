@@ -427,9 +427,10 @@ class WorkerMonitor(ReducerLoop, KvMethods, HealthMethods, BaseMonitor):
 
         ``None`` when no member can take it — every member busy or predicted
         busy: answer 503/529.  The booking adds ``blocks`` (default 1) to the
-        rank's predicted load until a newer report from that rank arrives or
-        the reservation is released (``release()``, or leave its ``with``
-        block); one never released expires after ``reservation_ttl``.
+        rank's predicted load — max(report + bookings since it, unreleased
+        bookings): a newer report takes it in, unless the report leaves it
+        out — until the reservation is released (``release()``, or leave its
+        ``with`` block); one never released expires after ``reservation_ttl``.
         ``strategy``: ``"p2c"`` (default), ``"least_loaded"``, ``"round_robin"``,
         ``"random"``; ``exclude``: ids not to choose (a retry after a failed
         forward); ``model`` / ``worker_type``: the card's ``display_name`` /

@@ -4,10 +4,10 @@ A router that reads ``free_workers()`` still has to choose one, and between
 two load reports (20–300 ms under load, none while idle) every naive choice
 herds onto the same few workers.  The picker counts what it has just routed,
 as Dynamo's KV router does: a rank's *predicted* load is its last reported
-load plus the blocks booked on it since that report arrived.  A booking stops
-counting when a newer report from that rank arrives (the report includes the
-request by then) or when it is released, whichever comes first; one never
-released expires after ``reservation_ttl``.
+load plus the blocks booked on it since that report arrived — or, when more,
+the blocks of every booking not yet released (a report leaves out requests
+queued in the engine, which hold no KV blocks yet).  A booking stops counting
+when it is released; one never released expires after ``reservation_ttl``.
 
 It reads the snapshot's free set and the reducer's live rank objects without
 the reducer's lock (the reducer only swaps whole values in them, so a read is
@@ -317,7 +317,8 @@ class Picker(Ledger):
         end = start + min(card.data_parallel_size, MAX_RANKS_SCANNED)
         credit = self._credit
         ranks = w.ranks
-        best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end, self.external), total, threshold,
+        best = best_rank(_declared_ranks(wid, ranks, card, th, credit, start, end, self.external, self._live), total,
+                         threshold,
                          blocks, overflow)
         if best is None:
             return None  # every rank busy or predicted busy
@@ -330,7 +331,8 @@ class Picker(Ledger):
         card = w.card
         start = card.data_parallel_start_rank
         end = start + min(card.data_parallel_size, MAX_RANKS_SCANNED)
-        return _declared_ranks(wid, w.ranks, card, self._state.thresholds, self._credit, start, end, self.external)
+        return _declared_ranks(wid, w.ranks, card, self._state.thresholds, self._credit, start, end, self.external,
+                               self._live)
 
     def live_blocks(self, wid: int, rank: int) -> int:
         """Blocks of this picker's unreleased bookings on a rank: the requests it routed there and has
@@ -371,8 +373,14 @@ class Picker(Ledger):
 
 def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit: Dict[Tuple[int, int], List[int]],
                     start: int, end: int, external: Optional[Callable[[int, int], int]] = None,
-                    ) -> Iterator[Tuple[int, int, int]]:
-    """``(rank, load, booked)`` for each declared rank the busy rule calls free right now."""
+                    live: Optional[Dict[Tuple[int, int], int]] = None) -> Iterator[Tuple[int, int, int]]:
+    """``(rank, load, booked)`` for each declared rank the busy rule calls free right now.
+
+    ``booked`` is what the bookings add to the reported load: the blocks booked
+    since that report or, when more, those of every unreleased booking beyond
+    it (``live``: a report leaves out the requests queued in the engine, which
+    hold no KV blocks yet; so predicted load = max(report + booked since it,
+    unreleased bookings))."""
     for rank_id in range(start, end):
         r = ranks.get(rank_id)
         load, seq = 0, 0
@@ -385,7 +393,10 @@ def _declared_ranks(wid: int, ranks: Dict[int, Any], card: Any, th: Any, credit:
                 load = max(kv if kv is not None else 0, decode if decode is not None else 0)
         acc = credit.get((wid, rank_id))
         booked = acc[1] if acc is not None and acc[0] == seq else 0
-        yield rank_id, load, booked if external is None else booked + external(wid, rank_id)
+        if external is not None:
+            booked += external(wid, rank_id)
+        held = live.get((wid, rank_id), 0) if live is not None else 0
+        yield rank_id, load, max(booked, held - load)
 
 
 def best_rank(free_ranks: Iterable[Tuple[int, int, int]], total: Optional[int], threshold: Optional[float],

@@ -80,6 +80,7 @@ class SharedPicker(Ledger):
         self._index_seq = -1
         self._bookings: "OrderedDict[int, _SharedBooking]" = OrderedDict()
         self._local: Dict[int, List[int]] = {}  # rank slot -> [report seq, blocks] while without a row
+        self._local_live: Dict[int, int] = {}  # rank slot -> blocks of unreleased bookings made without a row
         self._tokens = itertools.count(1)
         self._inflight: Dict[int, int] = {}
         self.counters = Counters()
@@ -96,6 +97,7 @@ class SharedPicker(Ledger):
                     self._fleet.close()
                 self._index_seq = -1
                 self._local.clear()
+                self._local_live.clear()
             self._fleet = fleet
             self._row = row
             self._generation += 1
@@ -149,6 +151,7 @@ class SharedPicker(Ledger):
             threshold = None if threshold_f != threshold_f else threshold_f  # NaN: the KV rule is off
             index = self._index
             local = self._local
+            local_live = self._local_live
             where: Dict[int, Tuple[int, int, List[Tuple[int, int, int]]]] = {}
 
             def assess(wid: int, overflow: bool = False) -> Optional[Assessment]:
@@ -167,11 +170,13 @@ class SharedPicker(Ledger):
                 for i, (load, seq, busy) in enumerate(ranks):
                     if busy:
                         continue  # the busy rule calls this rank busy
-                    booked = fleet.booked(first + i, seq, procs_used)
+                    booked, live = fleet.bookings_on(first + i, seq, procs_used)
                     acc = local.get(first + i)
                     if acc is not None and acc[0] == seq:
                         booked += acc[1]
-                    free_ranks.append((dp_start + i, 0 if load == NONE32 else load, booked))
+                    live += local_live.get(first + i, 0)
+                    reported = 0 if load == NONE32 else load
+                    free_ranks.append((dp_start + i, reported, max(booked, live - reported)))
                 best = best_rank(free_ranks, None if total == NONE32 else total, threshold, blocks, overflow)
                 if best is None:
                     return None
@@ -199,6 +204,7 @@ class SharedPicker(Ledger):
                 if acc is None or acc[0] != seq:
                     acc = local[rank_slot] = [seq, 0]
                 acc[1] += blocks
+                local_live[rank_slot] = local_live.get(rank_slot, 0) + blocks
                 generation = -1
             booking = _SharedBooking(wid, rank, rank_slot, seq, blocks, now + self.reservation_ttl,
                                      next(self._tokens), generation)
@@ -211,6 +217,11 @@ class SharedPicker(Ledger):
     def _uncredit(self, b: _SharedBooking) -> None:
         if b.generation == -1:
             take_credit(self._local, b.rank_slot, b.seq, b.blocks)
+            left = self._local_live.get(b.rank_slot, 0) - b.blocks
+            if left > 0:
+                self._local_live[b.rank_slot] = left
+            else:
+                self._local_live.pop(b.rank_slot, None)
         elif b.generation == self._generation and self._row >= 0 and self._fleet is not None:
             # Only in the row it was written to: after a reconnect the agent
             # cleared that row, and a release must not free someone else's booking.

@@ -14,10 +14,13 @@ mapped by every :class:`~workermon.SharedMonitor` of the same user:
 - one row per rank slot: the reported load (the higher KV signal), the report
   sequence, and the busy rule's verdict;
 - one **booking row per client process**, written only by that process: per
-  rank slot a 64-bit ``report_seq << 32 | blocks``.  A booking counts while the
-  rank's report sequence is the one it was made against (the picker's credit
-  rule); the agent zeroes a process's row when its connection closes, so the
-  bookings of a process that died are gone with it.
+  rank slot a 64-bit ``report_seq << 32 | blocks`` (booked since that report:
+  they count while the rank's report sequence is the one they were made
+  against, the picker's credit rule) and a 64-bit count of the blocks of its
+  unreleased bookings there, whatever the reports say (the requests it routed
+  and has not seen finish: a report leaves out requests queued in the engine).
+  The agent zeroes a process's row when its connection closes, so the bookings
+  of a process that died are gone with it.
 
 Integers are little-endian; 8-byte values are aligned, so a reader never sees
 half of one.
@@ -37,7 +40,7 @@ from ._model import PickState
 
 __all__ = ["Header", "SharedFleet", "ShmLayout", "SlotRow", "model_hash"]
 
-MAGIC = b"WMSHM\x00\x01\x00"
+MAGIC = b"WMSHM\x00\x02\x00"  # layout 2: a booking entry is 16 bytes (since-report, live)
 _HEADER = struct.Struct("<8sQQIIIIIIdQ")  # magic, epoch, layout_seq, slot_cap, rank_cap, max_procs,
 #                                           slots_used, procs_used, pad, busy_threshold, version
 HEADER_SIZE = 128
@@ -45,7 +48,9 @@ _SLOT = struct.Struct("<IIQIIIIQQ")  # seq, flags, worker id, total, dp_start, f
 SLOT_SIZE = 48
 _RANK = struct.Struct("<IIB3x")  # load, report seq, busy verdict
 RANK_SIZE = 16
+BOOKING_SIZE = 16  # per (process, rank): u64 report_seq << 32 | blocks booked since; u64 live blocks
 _U64 = struct.Struct("<Q")
+_ENTRY = struct.Struct("<QQ")  # one booking entry
 _U32 = struct.Struct("<I")
 
 USED, ADMITTED, BUSY, HELD = 1, 2, 4, 8
@@ -97,11 +102,12 @@ class ShmLayout:
         self.slots = HEADER_SIZE
         self.ranks = self.slots + slot_cap * SLOT_SIZE
         self.bookings = self.ranks + rank_cap * RANK_SIZE
-        self.row_size = rank_cap * 8
+        self.row_size = rank_cap * BOOKING_SIZE
         self.size = self.bookings + max_procs * self.row_size
 
     def booking(self, proc: int, rank_slot: int) -> int:
-        return self.bookings + proc * self.row_size + rank_slot * 8
+        """Where a process's entry for a rank is: ``report_seq << 32 | blocks``, then the live blocks."""
+        return self.bookings + proc * self.row_size + rank_slot * BOOKING_SIZE
 
 
 class SharedFleet:
@@ -252,16 +258,22 @@ class SharedFleet:
 
     def booked(self, rank_slot: int, report_seq: int, procs_used: int) -> int:
         """Blocks booked on a rank since its report ``report_seq``, over every process's row."""
+        return self.bookings_on(rank_slot, report_seq, procs_used)[0]
+
+    def bookings_on(self, rank_slot: int, report_seq: int, procs_used: int) -> Tuple[int, int]:
+        """``(blocks booked since report report_seq, blocks of unreleased bookings)`` on a rank, over
+        every process's row: one pass for the picker."""
         mm = self.mm
         lay = self.layout
-        total = 0
-        off = lay.bookings + rank_slot * 8
+        since = live = 0
+        off = lay.bookings + rank_slot * BOOKING_SIZE
         for _ in range(min(procs_used, lay.max_procs)):
-            v = _U64.unpack_from(mm, off)[0]
+            v, held = _ENTRY.unpack_from(mm, off)
             if v and v >> 32 == report_seq:
-                total += v & NONE32
+                since += v & NONE32
+            live += held
             off += lay.row_size
-        return total
+        return since, live
 
     def rank_seq(self, rank_slot: int) -> int:
         return int(_RANK.unpack_from(self.mm, self.layout.ranks + rank_slot * RANK_SIZE)[1])
@@ -275,7 +287,7 @@ class SharedFleet:
         for proc in range(min(procs_used, lay.max_procs)):
             row = memoryview(mm)[lay.booking(proc, 0):lay.booking(proc, len(seqs))]
             try:
-                for j, v in enumerate(row.cast("Q")):
+                for j, v in enumerate(row.cast("Q")[::2]):
                     if v and v >> 32 == seqs[j]:
                         total += v & NONE32
             finally:
@@ -286,15 +298,15 @@ class SharedFleet:
 
     def add_booking(self, proc: int, rank_slot: int, report_seq: int, blocks: int) -> None:
         off = self.layout.booking(proc, rank_slot)
-        v = _U64.unpack_from(self.mm, off)[0]
-        if v >> 32 == report_seq and v:
-            blocks += v & NONE32
-        _U64.pack_into(self.mm, off, (report_seq & NONE32) << 32 | min(blocks, NONE32))
+        v, held = _ENTRY.unpack_from(self.mm, off)
+        since = blocks + (v & NONE32 if v >> 32 == report_seq and v else 0)
+        _ENTRY.pack_into(self.mm, off, (report_seq & NONE32) << 32 | min(since, NONE32), held + blocks)
 
     def remove_booking(self, proc: int, rank_slot: int, report_seq: int, blocks: int) -> None:
         off = self.layout.booking(proc, rank_slot)
-        v = _U64.unpack_from(self.mm, off)[0]
-        if not v or v >> 32 != report_seq & NONE32:
-            return  # a newer report came: the booking had stopped counting
-        left = (v & NONE32) - blocks
-        _U64.pack_into(self.mm, off, (report_seq & NONE32) << 32 | left if left > 0 else 0)
+        v, held = _ENTRY.unpack_from(self.mm, off)
+        if v and v >> 32 == report_seq & NONE32:
+            left = (v & NONE32) - blocks
+            v = (report_seq & NONE32) << 32 | left if left > 0 else 0
+        # (else a newer report came: the since-report part had stopped counting)
+        _ENTRY.pack_into(self.mm, off, v, max(0, held - blocks))
