@@ -11,6 +11,7 @@ import pytest
 
 from workermon import BusyChange, WorkerMonitor, WorkerPublisher
 from workermon._servers import EtcdServer, NatsServer
+from workermon.testing import Servers
 
 from .helpers import Make, RawNatsPublisher, etcd_client
 
@@ -40,19 +41,15 @@ def no_thread_leaks() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
+def etcd_server(workermon_servers: Servers) -> EtcdServer:
+    """The session's etcd: the one the package's own pytest plugin starts (workermon.testing)."""
+    return workermon_servers.etcd
 
 
 @pytest.fixture(scope="session")
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer()
-    server.start()
-    yield server
-    server.close()
+def nats_server(workermon_servers: Servers) -> NatsServer:
+    """The session's nats-server, from the same plugin."""
+    return workermon_servers.nats
 
 
 @pytest.fixture
@@ -195,7 +192,7 @@ def tls_etcd(certs: Dict[str, str]) -> Iterator[EtcdServer]:
 # integration test, so `pytest -m "not integration"` runs the pure suite alone.
 _SERVER_FIXTURES = frozenset({
     "etcd_server", "nats_server", "fresh_etcd", "fresh_nats", "etcd", "publisher", "make_monitor",
-    "workermon_servers", "workermon_fleet", "workermon_monitor", "agent", "agent_at", "shared", "zmon", "zpub",
+    "workermon_servers", "workermon_fleet", "workermon_monitor", "agent", "agent_at", "shared", "zmon",
     "zworkers", "tls_etcd", "fleet",
 })
 

@@ -28,25 +28,28 @@ __all__ = ["Fleet", "Servers", "SimWorker", "replay"]
 
 
 class Servers:
-    """Running etcd and nats-server (``etcd_url``, ``nats_url``)."""
+    """Running etcd and nats-server: ``etcd_url`` and ``nats_url``; ``etcd`` and ``nats`` are the server
+    processes themselves (``pause()``, ``resume()``, ``kill()``, ``restart()``, ``log_path``), for tests
+    of what a router does when one hangs or dies — restore them before the test ends: they are shared
+    by the session."""
 
     def __init__(self) -> None:
         from ._servers import EtcdServer, NatsServer
 
-        self._etcd = EtcdServer()
-        self._nats = NatsServer()
-        self._etcd.start()
+        self.etcd = EtcdServer()
+        self.nats = NatsServer()
+        self.etcd.start()
         try:
-            self._nats.start()
+            self.nats.start()
         except BaseException:
-            self._etcd.close()
+            self.etcd.close()
             raise
-        self.etcd_url = self._etcd.url
-        self.nats_url = self._nats.url
+        self.etcd_url = self.etcd.url
+        self.nats_url = self.nats.url
 
     def close(self) -> None:
-        self._nats.close()
-        self._etcd.close()
+        self.nats.close()
+        self.etcd.close()
 
 
 class SimWorker:
