@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import resource
 import signal
 import socket
 import subprocess
@@ -38,6 +37,12 @@ def sock_dir() -> Iterator[str]:
     os.rmdir(d)
 
 
+# python -c this N workermon-args...: RLIMIT_NOFILE = N, then ``python -m workermon`` with the args.
+_WITH_FD_LIMIT = ("import resource, runpy, sys; n = int(sys.argv.pop(1)); "
+                  "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); sys.argv[0] = 'workermon'; "
+                  "runpy.run_module('workermon', run_name='__main__', alter_sys=True)")
+
+
 class AgentProcess:
     """``python -m workermon agent`` on the ZMQ plane (no NATS), killable and restartable."""
 
@@ -52,13 +57,14 @@ class AgentProcess:
         self.start()
 
     def start(self) -> None:
-        def limit() -> None:
-            if self.limit_fds is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (self.limit_fds, self.limit_fds))
-
+        # No preexec_fn: this process runs gRPC threads, and a child that runs Python between fork and
+        # exec can deadlock on a lock one of them held (seen: gRPC's fork handler, then no agent at all).
+        # The descriptor limit is set by the child itself, before it runs the agent.
+        cmd = self.cmd
+        if self.limit_fds is not None:
+            cmd = [sys.executable, "-c", _WITH_FD_LIMIT, str(self.limit_fds), *self.cmd[3:]]
         env = {k: v for k, v in os.environ.items() if k not in ("NATS_SERVER", "DYN_EVENT_PLANE")}
-        self.proc = subprocess.Popen(self.cmd, env=env, stderr=self.log, stdout=subprocess.DEVNULL,
-                                     text=True, preexec_fn=limit)
+        self.proc = subprocess.Popen(cmd, env=env, stderr=self.log, stdout=subprocess.DEVNULL, text=True)
 
     def output(self) -> str:
         """What the agent has written to stderr so far (for assertion messages)."""

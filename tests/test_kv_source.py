@@ -184,10 +184,16 @@ def test_kv_events_on_the_nats_plane_in_every_layout(etcd_server: EtcdServer, na
         pub.publish(ep, _envelope(0xA1, 2, [_item(new.worker_id, {"event_id": 3, "dp_rank": 0, "data": "cleared"})]))
         pub.flush()
         assert mon.wait_for(lambda: mon.prefix_overlap(a)[(new.worker_id, 0)] == 0, 10)
+
+        def counted() -> Any:
+            c = mon.health().kv.counters  # type: ignore[union-attr]
+            return [c.get(k) for k in ("not_members", "malformed_oversized", "malformed_bad_envelope",
+                                        "malformed_bad_payload")]
+
+        # Each subject has its own subscription (and nats-py its own task): wait for all four.
+        assert mon.wait_for(lambda: counted() == [1, 1, 1, 1], 10), counted()
         kv = mon.health().kv
         assert kv is not None
-        assert kv.counters.get("not_members") == 1 and kv.counters.get("malformed_oversized") == 1, kv
-        assert kv.counters.get("malformed_bad_envelope") == 1 and kv.counters.get("malformed_bad_payload") == 1, kv
         assert 0x5EED not in mon._kv_routing().index.worker_ids()
         assert kv.last_error is None
 
