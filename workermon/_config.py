@@ -97,13 +97,20 @@ class MonitorConfig:
         return self.event_plane != "nats"
 
     @property
+    def kv_stream_prefix(self) -> str:
+        """What the first token of a 0.9 KV-events stream subject of this scope starts with (the whole
+        token when a component is named)."""
+        prefix = f"namespace-{self.namespace}-component-"
+        return prefix + f"{self.component}-kv-events" if self.component else prefix
+
+    @property
     def kv_subjects(self) -> Tuple[str, ...]:
         """Where the workers' KV events are on NATS (``kv_index=True``), in each layout Dynamo has used:
         endpoint-scoped (1.4 on), component-scoped (1.0–1.3), and the JetStream stream's subject of
         0.9 (``namespace-{ns}-component-{c}-kv-events.kv-events``; a wildcard cannot
         stand inside a token, so with no component every ``*.kv-events`` is taken and filtered)."""
         c, e = self.component or "*", self.endpoint or "*"
-        stream = f"namespace-{self.namespace}-component-{self.component}-kv-events" if self.component else "*"
+        stream = self.kv_stream_prefix if self.component else "*"
         return (f"namespace.{self.namespace}.component.{c}.endpoint.{e}.kv-events",
                 f"namespace.{self.namespace}.component.{c}.kv-events",
                 f"{stream}.kv-events")

@@ -174,11 +174,10 @@ class KvRouting:
                     dev = device.get(key, 0)
                     uncached = isl_blocks - opt.overlap_credit * dev - opt.host_cache_weight * host.get(key, 0) \
                         - opt.disk_cache_weight * disk.get(key, 0)
-                    # Decode load: what the rank last reported plus what was booked since, or what
-                    # this router has routed there and not seen finish, whichever is more (a report
-                    # leaves out requests still queued in the engine; other routers' load is only
-                    # in the report).
-                    decode = max(load + booked, picker.live_blocks(wid, rank))
+                    # Decode load: the picker's prediction — what the rank last reported plus what was
+                    # booked since, or what this router has routed there and not seen finish, whichever
+                    # is more (free_ranks() counts both; other routers' load is only in the report).
+                    decode = load + booked
                     total = card.total_kv_blocks
                     weight = largest / total if largest and total else 1.0
                     cost = opt.prefill_load_scale * max(0.0, uncached) + weight * decode + request_blocks

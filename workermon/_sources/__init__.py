@@ -18,6 +18,7 @@ from typing import Any, Callable, Collection, Dict, Optional, Tuple
 import attrs
 
 from .._health import SourceHealth, SourceStatus
+from .._parse import Malformed
 from .backlog import Backlog
 
 __all__ = ["Source", "SourceConfigs", "Sources", "build_sources", "source_configs"]
@@ -32,6 +33,7 @@ class Source(threading.Thread):
         self.status = status
         self.backlog = backlog
         self._last_error_logged: Optional[str] = None
+        self._malformed_warned: set[str] = set()
 
     def wake(self, deadline: Optional[float] = None) -> None:
         """Make the thread notice the stop event soon (any thread; never blocks)."""
@@ -52,6 +54,14 @@ class Source(threading.Thread):
         if text != self._last_error_logged:
             self._last_error_logged = text
             log.log(level, "%s", message or text, exc_info=exc)
+
+    def count_malformed(self, exc: Malformed, log: logging.Logger, what: str) -> None:
+        """Count a dropped message (``malformed``, ``malformed_<reason>``); warn once per reason."""
+        self.status.inc("malformed")
+        self.status.inc(f"malformed_{exc.reason}")
+        if exc.reason not in self._malformed_warned:
+            self._malformed_warned.add(exc.reason)
+            log.warning("dropping a malformed %s (%s); further ones are only counted", what, exc)
 
     def recovered(self) -> None:
         """Connected again: the next error is logged even if it is the last one again."""
@@ -106,8 +116,7 @@ def source_configs(cfg: Any) -> SourceConfigs:
             backoff_cap=cfg.reconnect.cap,
         )
     nats_kv = None if nats is None else attrs.evolve(nats, subjects=cfg.kv_subjects)
-    stream = f"namespace-{cfg.namespace}-component-" + (f"{cfg.component}-kv-events" if cfg.component else "")
-    return SourceConfigs(etcd, nats, zmq, nats_kv, stream)
+    return SourceConfigs(etcd, nats, zmq, nats_kv, cfg.kv_stream_prefix)
 
 
 @attrs.frozen

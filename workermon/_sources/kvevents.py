@@ -165,7 +165,6 @@ class KvNatsSource(NatsSource):
         self._on_change = on_change
         self._stream_prefix = stream_prefix
         self._pending: List[Tuple[str, bytes]] = []
-        self._warned: set[str] = set()
 
     async def _on_msg(self, msg: Any) -> None:
         data = msg.data
@@ -215,11 +214,7 @@ class KvNatsSource(NatsSource):
             self._on_change()
 
     def _malformed(self, exc: Malformed) -> None:
-        self.status.inc("malformed")
-        self.status.inc(f"malformed_{exc.reason}")
-        if exc.reason not in self._warned:
-            self._warned.add(exc.reason)
-            log.warning("dropping a malformed kv-events message on NATS (%s); further ones are only counted", exc)
+        self.count_malformed(exc, log, "kv-events message on NATS")
 
 
 KvSource = Union[KvEventsSource, KvNatsSource]  # either plane's KV-events thread

@@ -119,7 +119,6 @@ class ZmqSource(Source):
         self._listed = False
         self._pattern = cfg.subject_pattern()
         self._scope = re.compile(re.escape(cfg.subscription) + rb"[^\s]*\.[A-Za-z0-9_-]+$")
-        self._warned: set[str] = set()
 
     # --- from other threads -----------------------------------------------------
 
@@ -339,11 +338,6 @@ class ZmqSource(Source):
         return b"\0"  # not a subject of this scope: malformed (wrong_topic)
 
     def _malformed(self, exc: Malformed) -> None:
-        status = self.status
-        status.inc("malformed")
-        status.inc(f"malformed_{exc.reason}")
         if exc.reason == "identity_mismatch":
-            status.inc("identity_mismatch")
-        if exc.reason not in self._warned:
-            self._warned.add(exc.reason)
-            log.warning("dropping a malformed ZMQ message (%s); further ones are only counted", exc)
+            self.status.inc("identity_mismatch")
+        self.count_malformed(exc, log, "ZMQ message")
