@@ -28,7 +28,7 @@ from typing import (Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterat
 from ._reduce import Counters, FleetState, rank_verdict
 
 __all__ = ["Assessment", "Chosen", "Ledger", "OVERFLOW", "Overflow", "Pick", "Picker", "Reservation", "STRATEGIES", "Strategy",
-           "best_rank", "check_blocks", "check_overflow", "check_strategy", "choose", "settle", "take_credit",
+           "best_rank", "check_blocks", "check_overflow", "check_strategy", "choose", "settle", "take_credit", "take_live",
            "unsigned_ids"]
 
 Strategy = Literal["p2c", "least_loaded", "round_robin", "random"]
@@ -161,6 +161,15 @@ def take_credit(credit: Dict[Any, List[int]], key: Any, seq: int, blocks: int) -
         acc[1] -= blocks
         if acc[1] <= 0:
             del credit[key]
+
+
+def take_live(live: Dict[Any, int], key: Any, blocks: int) -> None:
+    """Remove a released booking's blocks from ``live[key]`` (the blocks of unreleased bookings)."""
+    left = live.get(key, 0) - blocks
+    if left > 0:
+        live[key] = left
+    else:
+        live.pop(key, None)
 
 
 # An assessment of one candidate: (sort key, rank chosen, utilisation or None, in-flight count).
@@ -347,12 +356,7 @@ class Picker(Ledger):
 
     def _uncredit(self, b: _Booking) -> None:
         take_credit(self._credit, (b.wid, b.rank), b.seq, b.blocks)
-        key = (b.wid, b.rank)
-        left = self._live.get(key, 0) - b.blocks
-        if left > 0:
-            self._live[key] = left
-        else:
-            self._live.pop(key, None)
+        take_live(self._live, (b.wid, b.rank), b.blocks)
 
     def _expire(self, now: float) -> None:
         self._expire_due(now)

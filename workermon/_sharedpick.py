@@ -28,6 +28,7 @@ from ._picker import (
     choose,
     settle,
     take_credit,
+    take_live,
     unsigned_ids,
 )
 
@@ -217,11 +218,7 @@ class SharedPicker(Ledger):
     def _uncredit(self, b: _SharedBooking) -> None:
         if b.generation == -1:
             take_credit(self._local, b.rank_slot, b.seq, b.blocks)
-            left = self._local_live.get(b.rank_slot, 0) - b.blocks
-            if left > 0:
-                self._local_live[b.rank_slot] = left
-            else:
-                self._local_live.pop(b.rank_slot, None)
+            take_live(self._local_live, b.rank_slot, b.blocks)
         elif b.generation == self._generation and self._row >= 0 and self._fleet is not None:
             # Only in the row it was written to: after a reconnect the agent
             # cleared that row, and a release must not free someone else's booking.
