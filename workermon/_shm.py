@@ -266,7 +266,7 @@ class SharedFleet:
         mm = self.mm
         lay = self.layout
         since = live = 0
-        off = lay.bookings + rank_slot * BOOKING_SIZE
+        off = lay.booking(0, rank_slot)
         for _ in range(min(procs_used, lay.max_procs)):
             v, held = _ENTRY.unpack_from(mm, off)
             if v and v >> 32 == report_seq:
