@@ -90,6 +90,11 @@ class SlotRow(NamedTuple):
     ranks: List[Tuple[int, int, int]]
 
 
+# Rows are read on every pick: built as tuples of their NamedTuple class directly, without the
+# class's own __new__ (a Python call per row: ~1 µs of a ~14 µs reserve()+release(), measured).
+_tuple_new = tuple.__new__
+
+
 class ShmLayout:
     """Offsets of one file's regions, from its capacities."""
 
@@ -179,7 +184,7 @@ class SharedFleet:
     def header(self) -> "Header":
         """The header's fields (see :class:`Header`)."""
         (_, epoch, layout_seq, _, _, _, slots_used, procs_used, _, threshold, _) = _HEADER.unpack_from(self.mm, 0)
-        return Header(epoch, layout_seq, slots_used, threshold, procs_used)
+        return _tuple_new(Header, (epoch, layout_seq, slots_used, threshold, procs_used))
 
     # Each header field has one writer: the shared-memory writer thread the
     # layout and the threshold, the agent's socket thread the booking rows in use.
@@ -242,7 +247,7 @@ class SharedFleet:
                 continue
             if not row[1] & USED:
                 return None
-            return SlotRow(row[1], row[2], row[3], row[4], first, n, row[7], row[8], ranks)
+            return _tuple_new(SlotRow, (row[1], row[2], row[3], row[4], first, n, row[7], row[8], ranks))
         return None
 
     def scan(self, slots_used: int) -> Dict[int, int]:
